@@ -1,0 +1,51 @@
+"""sdze: back-propagation-free training of PINNs in very high dimension.
+
+Stochastic Taylor derivative estimators (jet oracles) for the spatial
+operator, CRNS zeroth-order gradient estimates and low-rank subspace
+perturbations for the parameters; every step is a forward computation, on
+any array-API backend (NumPy, PyTorch, JAX, CuPy, ...).
+
+>>> import sdze
+>>> sdze.use("numpy")               # process default; SDZE_BACKEND at start
+>>> with sdze.use("torch"):         # scoped to the block
+...     sdze.get_backend().name
+'torch'
+"""
+
+from sdze_backends import register_builtin_backends as _register_builtin_backends
+from sdze_core.backend import Backend
+from sdze_core.keys import Key, as_key, fold_in, key, split
+from sdze_core.registry import (
+    BackendNotAvailableError,
+    UnknownBackendError,
+    available_backends,
+    backend_of,
+    get_backend,
+    known_backends,
+    register_backend,
+    use,
+)
+
+from . import random
+from ._version import __version__
+
+_register_builtin_backends()
+
+__all__ = [
+    "__version__",
+    "Backend",
+    "BackendNotAvailableError",
+    "Key",
+    "UnknownBackendError",
+    "as_key",
+    "available_backends",
+    "backend_of",
+    "fold_in",
+    "get_backend",
+    "key",
+    "known_backends",
+    "random",
+    "register_backend",
+    "split",
+    "use",
+]

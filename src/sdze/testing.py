@@ -1,0 +1,90 @@
+"""pytest plugin: run a test body once per sdze backend.
+
+Enable it with ``pytest_plugins = ["sdze.testing"]`` (sdze's own ``tests/`` and
+``conformance/`` do). A test that takes the ``backend`` fixture (or ``xp``)
+is parametrized over every registered backend, built-in or registered by a
+third party through the ``sdze.backends`` entry point:
+
+* ``--backend NAME`` (repeatable, or ``SDZE_TEST_BACKENDS=a,b``) restricts
+  the run, e.g. ``pytest conformance --backend mylib``;
+* ``--device cuda`` runs on a GPU;
+* a backend that cannot run here is skipped with the reason (library not
+  installed, no CUDA device), never silently;
+* ``@pytest.mark.skip_backends("cupy", reason="...")`` skips named backends
+  for one test, with a reason (like SciPy's ``skip_xp_backends``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from sdze_core.registry import BackendNotAvailableError, known_backends, make_backend
+
+_cache: dict = {}
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("sdze")
+    group.addoption(
+        "--backend",
+        action="append",
+        default=None,
+        help="run backend-parametrized tests on this sdze backend only (repeatable)",
+    )
+    group.addoption(
+        "--device", default=None, help="device for the backends under test (e.g. cuda)"
+    )
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "skip_backends(*names, reason): skip these sdze backends, saying why"
+    )
+
+
+def selected_backends(config) -> list[str]:
+    names = config.getoption("--backend")
+    if not names and os.environ.get("SDZE_TEST_BACKENDS"):
+        names = os.environ["SDZE_TEST_BACKENDS"].split(",")
+    return [n.strip() for n in names] if names else known_backends()
+
+
+def pytest_generate_tests(metafunc):
+    if "backend" in metafunc.fixturenames:
+        names = selected_backends(metafunc.config)
+        metafunc.parametrize("backend", names, indirect=True, ids=names)
+
+
+def get_test_backend(name: str, device=None, dtype=None):
+    """Build (once) the backend under test, or skip the test saying why."""
+    cache_key = (name, device, dtype)
+    if cache_key not in _cache:
+        try:
+            _cache[cache_key] = make_backend(name, device=device, dtype=dtype)
+        except (BackendNotAvailableError, RuntimeError) as exc:
+            _cache[cache_key] = exc
+    found = _cache[cache_key]
+    if isinstance(found, Exception):
+        pytest.skip(f"backend {name!r} cannot run here: {found}")
+    return found
+
+
+@pytest.fixture
+def backend(request):
+    """The sdze backend under test (float32 default; ``with_config`` for others)."""
+    name = request.param
+    marker = request.node.get_closest_marker("skip_backends")
+    if marker is not None and name in marker.args:
+        reason = marker.kwargs.get("reason")
+        if not reason:
+            raise pytest.UsageError("skip_backends needs a reason=")
+        pytest.skip(f"{name}: {reason}")
+    return get_test_backend(name, device=request.config.getoption("--device"))
+
+
+@pytest.fixture
+def xp(backend):
+    """The array namespace of the backend under test."""
+    return backend.xp

@@ -1,0 +1,128 @@
+"""JAX backend (CPU, GPU or TPU); ``jax.numpy`` is itself an array-API namespace.
+
+Asking for ``dtype="float64"`` turns on ``jax_enable_x64`` (JAX computes in
+32 bits otherwise). Keys are JAX's own Threefry keys, so ``random_bits`` is
+``jax.random.bits`` and native draws are ``jax.random.*``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from sdze_core.backend import Backend, host_peak_rss
+
+
+class JaxBackend(Backend):
+    """JAX arrays on one device; ``jit`` is ``jax.jit``."""
+
+    name = "jax"
+    library = "jax"
+    extra = "jax"
+
+    def _load(self):
+        import jax.numpy as xp
+
+        return xp
+
+    @classmethod
+    def owns(cls, x) -> bool:
+        if "jax" not in sys.modules:
+            return False
+        import array_api_compat
+
+        return array_api_compat.is_jax_array(x)
+
+    def _resolve_dtype(self, dtype):
+        if dtype is not None and str(getattr(dtype, "name", dtype)) == "float64":
+            import jax
+
+            jax.config.update("jax_enable_x64", True)
+        return super()._resolve_dtype(dtype)
+
+    def _index_dtype(self):
+        import jax
+
+        return self.xp.int64 if jax.config.jax_enable_x64 else self.xp.int32
+
+    def _resolve_device(self, device):
+        import jax
+
+        if device is None:
+            return jax.devices()[0]
+        if not isinstance(device, str):
+            return device
+        platform, _, index = device.partition(":")
+        platform = {"cuda": "gpu"}.get(platform, platform)
+        try:
+            devices = jax.devices(platform)
+        except RuntimeError as exc:
+            raise RuntimeError(f"the jax backend finds no {platform!r} device") from exc
+        return devices[int(index or 0)]
+
+    @classmethod
+    def device_of_array(cls, x):
+        (device,) = x.devices()
+        return device
+
+    def _key_data(self, key):
+        import jax
+
+        return jax.random.wrap_key_data(self.xp.asarray(key.words, dtype=self.xp.uint32))
+
+    def random_bits(self, key, shape):
+        import jax
+
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        bits = jax.random.bits(self._key_data(key), shape, self.xp.uint32)
+        return jax.device_put(bits, self.device)
+
+    def _place(self, x):
+        import jax
+
+        return jax.device_put(x, self.device)
+
+    def _native_uniform(self, key, shape, dtype):
+        import jax
+
+        return self._place(jax.random.uniform(self._key_data(key), shape, dtype))
+
+    def _native_normal(self, key, shape, dtype):
+        import jax
+
+        return self._place(jax.random.normal(self._key_data(key), shape, dtype))
+
+    def _native_rademacher(self, key, shape, dtype):
+        import jax
+
+        return self._place(jax.random.rademacher(self._key_data(key), shape, dtype))
+
+    def _native_integers(self, key, shape, low, high):
+        import jax
+
+        ints = jax.random.randint(self._key_data(key), shape, low, high, self.index_dtype)
+        return self._place(ints)
+
+    def jit(self, fn, **options):
+        import jax
+
+        return jax.jit(fn, **options)
+
+    def synchronize(self, *arrays) -> None:
+        import jax
+
+        if arrays:
+            jax.block_until_ready(arrays)
+        jax.effects_barrier()
+
+    def _gpu_stats(self):
+        if self.device.platform == "cpu":
+            return None
+        return self.device.memory_stats()
+
+    def peak_memory(self) -> int:
+        """Device peak since the process started (XLA cannot reset it) on GPU;
+        host peak RSS on CPU."""
+        stats = self._gpu_stats()
+        if stats is None:
+            return host_peak_rss()
+        return int(stats.get("peak_bytes_in_use", 0))

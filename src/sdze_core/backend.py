@@ -1,0 +1,247 @@
+"""The backend interface every algorithm in sdze is written against.
+
+A :class:`Backend` bundles what the array API standard leaves to the library:
+
+* ``xp``: the array namespace (through array-api-compat where needed),
+* the default ``device`` and floating ``dtype``,
+* keyed random draws (:mod:`sdze_core.random`: portable Threefry bits,
+  optionally a native generator as a fast path),
+* ``qr`` for orthonormal bases, a ``jit`` hook, ``synchronize()``,
+* ``peak_memory()`` for benchmarks.
+
+Concrete backends live in :mod:`sdze_backends`, one module each; their
+library is imported only when the backend is instantiated. Third parties
+register more through the ``sdze.backends`` entry-point group (see
+:mod:`sdze_core.registry`).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Callable, ClassVar
+
+from . import random as _random
+from .keys import Key
+
+__all__ = ["Backend", "host_peak_rss", "reset_host_peak_rss"]
+
+FLOAT_DTYPES = ("float32", "float64")
+
+
+class Backend(ABC):
+    """Base class of all backends: an array namespace plus what it lacks.
+
+    Subclasses set the class attributes and implement :meth:`_load`;
+    everything else has a standard-only default.
+
+    Parameters
+    ----------
+    device : str or device object, optional
+        Where new arrays are made. ``None`` means the library's default
+        (the CPU for NumPy, PyTorch and JAX-on-CPU).
+    dtype : {"float32", "float64"}, optional
+        Default floating dtype of parameters and draws (default float32).
+    rng : {"native", "portable"}
+        ``"portable"`` draws every random array from Threefry-2x32 bits
+        computed with array-API integer ops: bit-identical on every backend.
+        ``"native"`` (default) lets a backend use its own fast generator for
+        normal, uniform, Rademacher and integer draws, seeded from the key:
+        reproducible on that backend, not across backends.
+    """
+
+    #: Registry name (``sdze.use(name)``).
+    name: ClassVar[str] = "abstract"
+    #: Import name of the library behind the backend.
+    library: ClassVar[str] = ""
+    #: The ``pip install "sdze[extra]"`` that provides the library.
+    extra: ClassVar[str] = ""
+    #: True when unsigned 32-bit add/shift wrap natively (False: int64 + mask).
+    native_uint32: ClassVar[bool] = True
+
+    def __init__(self, device: Any = None, dtype: Any = None, rng: str = "native"):
+        if rng not in ("native", "portable"):
+            raise ValueError(f"rng must be 'native' or 'portable', got {rng!r}")
+        self.xp = self._load()
+        self.device = self._resolve_device(device)
+        self.dtype = self._resolve_dtype(dtype)
+        self.rng = rng
+        self.word_dtype = self.xp.uint32 if self.native_uint32 else self.xp.int64
+        self.index_dtype = self._index_dtype()
+
+    # -- what a subclass provides ---------------------------------------------
+    @abstractmethod
+    def _load(self):
+        """Import the library and return its array-API namespace."""
+
+    @classmethod
+    @abstractmethod
+    def owns(cls, x: Any) -> bool:
+        """Whether ``x`` is an array of this backend's library.
+
+        Must not import the library: an array of a library that was never
+        imported cannot exist, so check ``sys.modules`` first.
+        """
+
+    def _resolve_device(self, device):
+        if device is None:
+            return None
+        raise ValueError(f"backend {self.name!r} has no device {device!r}")
+
+    @classmethod
+    def device_of_array(cls, x):
+        """The device an array of this backend lives on, as ``device=`` accepts it."""
+        return getattr(x, "device", None)
+
+    def with_config(self, **changes) -> Backend:
+        """A copy of this backend with some of device/dtype/rng changed."""
+        config = {"device": self.device, "dtype": self.dtype, "rng": self.rng}
+        config.update(changes)
+        return type(self)(**config)
+
+    def _resolve_dtype(self, dtype):
+        if dtype is None:
+            dtype = "float32"
+        if isinstance(dtype, str):
+            if dtype not in FLOAT_DTYPES:
+                raise ValueError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype!r}")
+            return getattr(self.xp, dtype)
+        for name in FLOAT_DTYPES:
+            if dtype == getattr(self.xp, name):
+                return dtype
+        raise ValueError(f"dtype must be a floating dtype of {self.name}, got {dtype!r}")
+
+    def _index_dtype(self):
+        return self.xp.int64
+
+    # -- arrays ---------------------------------------------------------------
+    def asarray(self, x, dtype=None):
+        """``xp.asarray`` on this backend's device (floats default to ``dtype``)."""
+        return self.xp.asarray(x, dtype=dtype, device=self.device)
+
+    def arange(self, n, dtype=None):
+        return self.xp.arange(n, dtype=dtype, device=self.device)
+
+    def zeros(self, shape, dtype=None):
+        return self.xp.zeros(shape, dtype=dtype or self.dtype, device=self.device)
+
+    def float_dtype(self, dtype=None):
+        """Resolve ``None`` / a name / a dtype to this backend's float dtype."""
+        return self.dtype if dtype is None else self._resolve_dtype(dtype)
+
+    def to_host(self, x):
+        """Copy an array to a NumPy array on the host (for checkpoints, plots)."""
+        import numpy as np
+
+        return np.asarray(x)
+
+    # -- linear algebra, compilation, timing, memory --------------------------
+    def qr(self, a):
+        """Reduced QR decomposition ``(Q, R)`` of a matrix (array API linalg)."""
+        return self.xp.linalg.qr(a)
+
+    def jit(self, fn: Callable, **options) -> Callable:
+        """Compile ``fn`` if the backend can; identity otherwise."""
+        return fn
+
+    def synchronize(self, *arrays) -> None:
+        """Wait until queued device work (and ``arrays``) is done, for timings."""
+
+    def peak_memory(self) -> int:
+        """Peak bytes in use since :meth:`reset_peak_memory` (host RSS on CPU)."""
+        return host_peak_rss()
+
+    def reset_peak_memory(self) -> None:
+        """Start a new peak-memory measurement."""
+        reset_host_peak_rss()
+
+    # -- keyed random draws (see sdze_core.random for the formulas) -----------
+    def random_bits(self, key: Key, shape) -> Any:
+        """Threefry-2x32 bits, identical on every backend (word dtype)."""
+        return _random.portable_bits(self, key, shape)
+
+    def uniform(self, key: Key, shape, dtype=None):
+        """U[0, 1) draws of the given shape."""
+        if self.rng == "native":
+            return self._native_uniform(key, tuple(shape), self.float_dtype(dtype))
+        return _random.portable_uniform(self, key, shape, self.float_dtype(dtype))
+
+    def normal(self, key: Key, shape, dtype=None):
+        """Standard normal draws of the given shape."""
+        if self.rng == "native":
+            return self._native_normal(key, tuple(shape), self.float_dtype(dtype))
+        return _random.portable_normal(self, key, shape, self.float_dtype(dtype))
+
+    def rademacher(self, key: Key, shape, dtype=None):
+        """Draws of +1 or -1 with probability 1/2 each."""
+        if self.rng == "native":
+            return self._native_rademacher(key, tuple(shape), self.float_dtype(dtype))
+        return _random.portable_rademacher(self, key, shape, self.float_dtype(dtype))
+
+    def integers(self, key: Key, shape, low: int, high: int):
+        """Uniform integers in ``[low, high)`` (index dtype)."""
+        if not high > low:
+            raise ValueError(f"integers needs high > low, got low={low}, high={high}")
+        if self.rng == "native":
+            return self._native_integers(key, tuple(shape), low, high)
+        return _random.portable_integers(self, key, shape, low, high)
+
+    def choice(self, key: Key, n: int, k: int):
+        """``k`` distinct indices drawn uniformly from ``range(n)``.
+
+        Always exact and portable: Floyd's algorithm on the host, O(k)
+        whatever ``n`` is (a device permutation would cost O(n) per call).
+        """
+        return self.asarray(_random.floyd_sample(key, n, k), dtype=self.index_dtype)
+
+    # Native generators: by default the portable ones. Backends override.
+    def _native_uniform(self, key, shape, dtype):
+        return _random.portable_uniform(self, key, shape, dtype)
+
+    def _native_normal(self, key, shape, dtype):
+        return _random.portable_normal(self, key, shape, dtype)
+
+    def _native_rademacher(self, key, shape, dtype):
+        return _random.portable_rademacher(self, key, shape, dtype)
+
+    def _native_integers(self, key, shape, low, high):
+        return _random.portable_integers(self, key, shape, low, high)
+
+    # -- identity -------------------------------------------------------------
+    def __repr__(self) -> str:
+        dtype = getattr(self.dtype, "__name__", None) or str(self.dtype).rsplit(".", 1)[-1]
+        device = "" if self.device is None else f", device={self.device!s}"
+        return f"<sdze backend {self.name}{device}, dtype={dtype}, rng={self.rng}>"
+
+    def __eq__(self, other) -> bool:
+        return (
+            type(self) is type(other)
+            and str(self.device) == str(other.device)
+            and self.dtype == other.dtype
+            and self.rng == other.rng
+        )
+
+    def __hash__(self) -> int:
+        return hash((type(self), str(self.device), str(self.dtype), self.rng))
+
+
+def host_peak_rss() -> int:
+    """Peak resident set size of this process in bytes (Linux ``VmHWM``)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_host_peak_rss() -> None:
+    """Reset ``VmHWM`` to the current RSS (Linux); elsewhere a no-op."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        pass
