@@ -21,7 +21,10 @@ def run_python(code: str, **env) -> subprocess.CompletedProcess:
     environment = {**os.environ, **env}
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True, text=True, env=environment, check=False,
+        capture_output=True,
+        text=True,
+        env=environment,
+        check=False,
     )
 
 
@@ -38,8 +41,9 @@ def test_import_sdze_imports_no_heavy_backend():
 
 
 def test_environment_variable_sets_the_start_default():
-    result = run_python("import sdze; print(sdze.get_backend().name)",
-                        SDZE_BACKEND="array_api_strict")
+    result = run_python(
+        "import sdze; print(sdze.get_backend().name)", SDZE_BACKEND="array_api_strict"
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "array_api_strict"
 
@@ -156,7 +160,9 @@ def test_non_arrays_raise_a_clear_type_error():
 
 
 def test_unknown_backend_lists_the_known_ones():
-    with pytest.raises(sdze.UnknownBackendError, match="unknown backend 'tensorflow'.*numpy.*torch"):
+    with pytest.raises(
+        sdze.UnknownBackendError, match="unknown backend 'tensorflow'.*numpy.*torch"
+    ):
         sdze.use("tensorflow")
 
 
@@ -175,8 +181,10 @@ def test_missing_library_names_the_extra(monkeypatch):
             return False
 
     sdze.register_backend("fakelib", Missing, library="fakelib", extra="fakelib")
-    with pytest.raises(sdze.BackendNotAvailableError,
-                       match=r"needs the 'fakelib_that_does_not_exist'.*pip install \"sdze\[fakelib\]\""):
+    with pytest.raises(
+        sdze.BackendNotAvailableError,
+        match=r"needs the 'fakelib_that_does_not_exist'.*pip install \"sdze\[fakelib\]\"",
+    ):
         sdze.use("fakelib")
 
 
@@ -188,23 +196,28 @@ def test_cupy_without_a_device_says_so():
 def test_third_party_backend_through_entry_point(tmp_path, monkeypatch):
     """A package declaring the ``sdze.backends`` entry point is found by name."""
     package = tmp_path / "sdze_toy_backend.py"
-    package.write_text(textwrap.dedent("""
+    package.write_text(
+        textwrap.dedent("""
         import sys
         from sdze_backends.numpy import NumpyBackend
 
         class ToyBackend(NumpyBackend):
             name = "toy"
-    """))
+    """)
+    )
     dist = tmp_path / "sdze_toy_backend-1.0.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: sdze-toy-backend\nVersion: 1.0\n")
     (dist / "entry_points.txt").write_text("[sdze.backends]\ntoy = sdze_toy_backend:ToyBackend\n")
-    result = run_python("""
+    result = run_python(
+        """
         import sdze
         assert "toy" in sdze.known_backends(), sdze.known_backends()
         with sdze.use("toy") as b:
             print(type(b).__name__, sdze.get_backend().name)
-    """, PYTHONPATH=f"{tmp_path}:{sys.path[0]}:" + ":".join(p for p in sys.path if p))
+    """,
+        PYTHONPATH=f"{tmp_path}:{sys.path[0]}:" + ":".join(p for p in sys.path if p),
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ToyBackend toy"
 
@@ -215,7 +228,12 @@ def test_generic_array_api_namespace_backend():
     x = strict.asarray([1.0, 2.0])
     b = NamespaceBackend(strict, dtype=strict.float32)
     bits = b.random_bits(sdze.key(42), (4,))
-    assert [int(v) for v in np.from_dlpack(bits)] == [2098992034, 2919706841, 2646866425, 2409546199]
+    assert [int(v) for v in np.from_dlpack(bits)] == [
+        2098992034,
+        2919706841,
+        2646866425,
+        2409546199,
+    ]
     assert b.owns(x)
 
 

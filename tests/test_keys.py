@@ -42,8 +42,10 @@ def test_key_split_fold_in_match_jax():
             continue
         assert k.words == tuple(int(w) for w in jax.random.key_data(jk))
         ours = [s.words for s in sdze.split(k, 5)]
-        theirs = [tuple(int(w) for w in row) for row in np.asarray(
-            jax.random.key_data(jax.random.split(jk, 5)))]
+        theirs = [
+            tuple(int(w) for w in row)
+            for row in np.asarray(jax.random.key_data(jax.random.split(jk, 5)))
+        ]
         assert ours == theirs
         for data in (0, 1, 123456, 2**32 - 1):
             folded = jax.random.key_data(jax.random.fold_in(jk, data))

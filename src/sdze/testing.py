@@ -33,9 +33,7 @@ def pytest_addoption(parser):
         default=None,
         help="run backend-parametrized tests on this sdze backend only (repeatable)",
     )
-    group.addoption(
-        "--device", default=None, help="device for the backends under test (e.g. cuda)"
-    )
+    group.addoption("--device", default=None, help="device for the backends under test (e.g. cuda)")
 
 
 def pytest_configure(config):

@@ -37,7 +37,9 @@ class TorchBackend(Backend):
         device = torch.device(device if device is not None else "cpu")
         if device.type == "cuda":
             if not torch.cuda.is_available():
-                raise RuntimeError("the torch backend was asked for CUDA, but torch finds no CUDA device")
+                raise RuntimeError(
+                    "the torch backend was asked for CUDA, but torch finds no CUDA device"
+                )
             if device.index is None:
                 device = torch.device("cuda", torch.cuda.current_device())
         return device

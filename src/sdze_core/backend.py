@@ -18,7 +18,8 @@ register more through the ``sdze.backends`` entry-point group (see
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 from . import random as _random
 from .keys import Key
@@ -144,7 +145,11 @@ class Backend(ABC):
         return fn
 
     def synchronize(self, *arrays) -> None:
-        """Wait until queued device work (and ``arrays``) is done, for timings."""
+        """Wait until queued device work (and ``arrays``) is done, for timings.
+
+        CPU backends compute eagerly: nothing to wait for.
+        """
+        return None
 
     def peak_memory(self) -> int:
         """Peak bytes in use since :meth:`reset_peak_memory` (host RSS on CPU)."""

@@ -311,15 +311,18 @@ def backend_of(*arrays, default: Backend | None = None) -> Backend:
             continue
         name = _owner(x) or ("namespace" if hasattr(x, "__array_namespace__") else None)
         if name is None:
-            raise TypeError(f"argument {i} is a {type(x).__module__}.{type(x).__name__}, "
-                            "not an array of any sdze backend")
+            raise TypeError(
+                f"argument {i} is a {type(x).__module__}.{type(x).__name__}, "
+                "not an array of any sdze backend"
+            )
         owners.setdefault(name, i)
         if first is None:
             first = x
     if len(owners) > 1:
         found = ", ".join(f"{name} (argument {i})" for name, i in owners.items())
-        raise TypeError(f"mixed array backends in one call: {found}; convert them to one "
-                        "library first")
+        raise TypeError(
+            f"mixed array backends in one call: {found}; convert them to one library first"
+        )
     current = default or get_backend()
     if first is None:
         return current

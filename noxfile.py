@@ -1,0 +1,115 @@
+"""nox sessions: tests and conformance per backend (CPU and GPU), lint, docs.
+
+    nox -l                              # list sessions
+    nox -s tests                        # every backend, CPU
+    nox -s "tests(backend='torch')"     # one backend
+    nox -t gpu                          # GPU sessions (skip without a CUDA device)
+
+Sessions use the interpreter nox runs under (CI has only Python 3.11 and no
+interpreter downloads). On machines without a CUDA device, PyTorch is pinned
+to its CPU wheel (``SDZE_TORCH_CPU``, default ``torch==2.13.0``) so no CUDA
+packages are pulled in.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import nox
+
+nox.options.default_venv_backend = "venv"
+nox.options.reuse_existing_virtualenvs = False
+nox.options.sessions = ["tests", "conformance", "lint"]
+
+PYPROJECT = nox.project.load_toml("pyproject.toml")
+BACKENDS = ["numpy", "array_api_strict", "torch", "jax", "cupy"]
+GPU_BACKENDS = ["torch", "jax", "cupy"]
+TORCH_CPU = os.environ.get("SDZE_TORCH_CPU", "torch==2.13.0")
+
+
+def has_cuda_device() -> bool:
+    """True when ``nvidia-smi -L`` lists at least one GPU."""
+    if shutil.which("nvidia-smi") is None:
+        return False
+    listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=False)
+    return listing.returncode == 0 and "GPU" in listing.stdout
+
+
+def backend_requirements(backend: str, gpu: bool) -> list[str]:
+    if backend == "torch":
+        return ["numpy", "torch" if gpu else TORCH_CPU]
+    if backend == "jax":
+        return ["numpy", "jax[cuda12]" if gpu else "jax"]
+    if backend == "cupy":
+        return ["numpy", "cupy-cuda12x"]
+    if backend == "array_api_strict":
+        return ["numpy", "array-api-strict"]
+    return ["numpy"]
+
+
+def install(session: nox.Session, backend: str, gpu: bool = False) -> None:
+    session.install(*nox.project.dependency_groups(PYPROJECT, "test"))
+    session.install(*backend_requirements(backend, gpu))
+    session.install("-e", ".", "--no-deps")
+
+
+def run_pytest(session: nox.Session, suite: str, backend: str, device: str | None) -> None:
+    args = ["pytest", suite, "--backend", backend, *session.posargs]
+    if device:
+        args += ["--device", device]
+    # Exit 5 means nothing was collected for this selection: say so, don't fail.
+    code = session.run(*args, success_codes=[0, 5])
+    if code == 5:
+        session.warn(f"pytest collected no tests in {suite} for backend {backend}")
+
+
+@nox.session
+@nox.parametrize("backend", BACKENDS)
+def tests(session: nox.Session, backend: str) -> None:
+    """Unit tests on one backend (CPU). CuPy skips its tests, saying why, without a GPU."""
+    install(session, backend)
+    run_pytest(session, "tests", backend, None)
+
+
+@nox.session
+@nox.parametrize("backend", BACKENDS)
+def conformance(session: nox.Session, backend: str) -> None:
+    """The guarantees of SPEC, checked on one backend (CPU)."""
+    install(session, backend)
+    run_pytest(session, "conformance", backend, None)
+
+
+@nox.session(tags=["gpu"], default=False)
+@nox.parametrize("backend", GPU_BACKENDS)
+def tests_gpu(session: nox.Session, backend: str) -> None:
+    """Unit tests on a CUDA device; skipped (a success) when there is none."""
+    if not has_cuda_device():
+        session.skip("no CUDA device on this machine (nvidia-smi lists no GPU)")
+    install(session, backend, gpu=True)
+    run_pytest(session, "tests", backend, "cuda")
+
+
+@nox.session(tags=["gpu"], default=False)
+@nox.parametrize("backend", GPU_BACKENDS)
+def conformance_gpu(session: nox.Session, backend: str) -> None:
+    """The conformance suite on a CUDA device; skipped when there is none."""
+    if not has_cuda_device():
+        session.skip("no CUDA device on this machine (nvidia-smi lists no GPU)")
+    install(session, backend, gpu=True)
+    run_pytest(session, "conformance", backend, "cuda")
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff over the sources, tests, conformance suite and benchmarks."""
+    session.install(*nox.project.dependency_groups(PYPROJECT, "lint"))
+    session.run("ruff", "check", "src", "tests", "conformance", "benchmarks", "noxfile.py")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the MkDocs site into site/ (warnings are errors)."""
+    session.install(*nox.project.dependency_groups(PYPROJECT, "docs"))
+    session.run("mkdocs", "build", "--strict", "--site-dir", "site")

@@ -1,0 +1,5 @@
+import sys
+
+from sdze.cli import main
+
+sys.exit(main())
