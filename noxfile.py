@@ -21,7 +21,7 @@ import nox
 
 nox.options.default_venv_backend = "venv"
 nox.options.reuse_existing_virtualenvs = False
-nox.options.sessions = ["tests", "conformance", "lint"]
+nox.options.sessions = ["tests", "conformance", "all_backends", "lint"]
 
 PYPROJECT = nox.project.load_toml("pyproject.toml")
 BACKENDS = ["numpy", "array_api_strict", "torch", "jax", "cupy"]
@@ -52,7 +52,7 @@ def backend_requirements(backend: str, gpu: bool) -> list[str]:
 def install(session: nox.Session, backend: str, gpu: bool = False) -> None:
     session.install(*nox.project.dependency_groups(PYPROJECT, "test"))
     session.install(*backend_requirements(backend, gpu))
-    session.install("-e", ".", "--no-deps")
+    session.install("-e", ".")
 
 
 def run_pytest(session: nox.Session, suite: str, backend: str, device: str | None) -> None:
@@ -79,6 +79,16 @@ def conformance(session: nox.Session, backend: str) -> None:
     """The guarantees of SPEC, checked on one backend (CPU)."""
     install(session, backend)
     run_pytest(session, "conformance", backend, None)
+
+
+@nox.session
+def all_backends(session: nox.Session) -> None:
+    """numpy, array_api_strict, torch and jax in one environment: switching
+    among them with ``sdze.use`` and the cross-backend agreement tests."""
+    install(session, "numpy")
+    for backend in ("array_api_strict", "torch", "jax"):
+        session.install(*backend_requirements(backend, gpu=False))
+    session.run("pytest", "tests/test_backends.py", "conformance", *session.posargs)
 
 
 @nox.session(tags=["gpu"], default=False)

@@ -244,3 +244,18 @@ def test_bad_options_are_rejected():
         sdze.use("numpy", dtype="float16")
     with pytest.raises(ValueError, match="CPU only"):
         sdze.use("numpy", device="cuda")
+
+
+def test_dispatch_and_draws_inside_jax_jit():
+    """Under jax.jit the arrays are tracers: dispatch and draws must still work
+    and give what the eager call gives."""
+    jax = pytest.importorskip("jax")
+
+    def f(x):
+        b = backend_of(x)
+        return x + b.normal(sdze.key(0), x.shape) + b.with_config(rng="portable").uniform(
+            sdze.key(1), x.shape
+        )
+
+    x = jax.numpy.zeros(5)
+    np.testing.assert_allclose(np.asarray(jax.jit(f)(x)), np.asarray(f(x)), rtol=1e-6)

@@ -61,6 +61,11 @@ class JaxBackend(Backend):
 
     @classmethod
     def device_of_array(cls, x):
+        """The array's device; ``None`` (the default) for tracers inside ``jax.jit``."""
+        import jax
+
+        if isinstance(x, jax.core.Tracer):
+            return None
         (device,) = x.devices()
         return device
 
@@ -73,12 +78,13 @@ class JaxBackend(Backend):
         import jax
 
         shape = (shape,) if isinstance(shape, int) else tuple(shape)
-        bits = jax.random.bits(self._key_data(key), shape, self.xp.uint32)
-        return jax.device_put(bits, self.device)
+        return self._place(jax.random.bits(self._key_data(key), shape, self.xp.uint32))
 
     def _place(self, x):
         import jax
 
+        if isinstance(x, jax.core.Tracer):
+            return x
         return jax.device_put(x, self.device)
 
     def _native_uniform(self, key, shape, dtype):
