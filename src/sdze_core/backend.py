@@ -116,7 +116,7 @@ class Backend(ABC):
 
     # -- arrays ---------------------------------------------------------------
     def asarray(self, x, dtype=None):
-        """``xp.asarray`` on this backend's device (floats default to ``dtype``)."""
+        """``xp.asarray`` on this backend's device; ``dtype=None`` keeps the input's."""
         return self.xp.asarray(x, dtype=dtype, device=self.device)
 
     def arange(self, n, dtype=None):
