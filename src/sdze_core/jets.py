@@ -630,7 +630,7 @@ def coordinate_squared_norm(x, index, order: int, collapse: bool = False) -> Jet
     """
     xp = array_namespace(x, index)
     order = _check_order(order)
-    primal = xp.sum(x * x, axis=-1)
+    primal = xp.vecdot(x, x, axis=-1)
     first = 2 * xp.permute_dims(xp.take(x, index, axis=1), (1, 0))
     coeffs = [first]
     if order >= 2:
