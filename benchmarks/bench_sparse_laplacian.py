@@ -4,15 +4,16 @@ For each backend and dimension d, in a fresh subprocess (so peak-memory
 readings start clean), with the PINN ansatz u = (1 − ‖x‖²) N(x), N a tanh MLP
 d → 128 → 128 → 128 → 128 → 1, B points and V sampled coordinates:
 
-* ``primal_s``: median time of the first layer's primal GEMM x Wᵀ (B × d × h),
-  the part of any forward pass that must grow with d;
+* ``gemm_s``: median time of the first layer's primal GEMM x Wᵀ (B × d × h);
+* ``forward_s``: median time of the plain forward pass u(x), which must read
+  all of x: the GEMM and the ansatz's ‖x‖², both O(B d);
 * ``estimate_s``: median time of one ``SparseLaplacian(V)`` estimate, with the
-  collapsed top order and without (``collapse=False``);
-* ``extra_per_point_s`` = (estimate − primal) / B: what the estimator adds per
-  point. SPEC section 2 says it does not grow with d (the tangents are the
-  gathered columns W[:, j], O(h V)); this benchmark shows it;
-* ``extra_peak_bytes``: peak memory during one estimate above the memory
-  held before it (parameters and points), per point.
+  collapsed top order (``collapse=True``) or without, in separate processes;
+* ``extra_per_point_s`` = (estimate − forward) / B: what the estimator adds to
+  the primal per point. SPEC section 2 says it does not grow with d (the
+  tangents are the gathered columns W[:, j], O(h V)); this shows it;
+* ``extra_peak_bytes``: peak memory of the first estimate in a fresh process
+  above the memory held before it (parameters and points), and per point.
 
 Writes ``benchmarks/results/sparse_laplacian.json`` and a plot
 ``benchmarks/results/sparse_laplacian.png``.
@@ -46,8 +47,14 @@ def median_time(fn, backend, repeats: int) -> float:
     return statistics.median(times)
 
 
-def measure(backend_name: str, d: int, batch: int, directions: int, width: int, repeats: int):
-    """One (backend, d) point; runs in its own process."""
+def measure(
+    backend_name: str, d: int, batch: int, directions: int, width: int, repeats: int, collapse: bool
+):
+    """One (backend, d, collapse) point; runs in its own process.
+
+    Memory is measured first, on the first estimate in a fresh process, so
+    that no allocator cache from earlier calls hides it; then the timings.
+    """
     import sdze
     from sdze_core.models import MLP, Ansatz
     from sdze_core.oracles import SparseLaplacian
@@ -58,8 +65,7 @@ def measure(backend_name: str, d: int, batch: int, directions: int, width: int, 
     params = model.init(sdze.fold_in(key, "init"), backend)
     x = 0.5 / d**0.5 * backend.normal(sdze.fold_in(key, "points"), (batch, d))
     W0 = params[0]["W"]
-    collapsed = SparseLaplacian(num_directions=directions, collapse=True)
-    uncollapsed = SparseLaplacian(num_directions=directions, collapse=False)
+    oracle = SparseLaplacian(num_directions=directions, collapse=collapse)
     step = sdze.fold_in(key, "spatial")
 
     row = {
@@ -69,26 +75,21 @@ def measure(backend_name: str, d: int, batch: int, directions: int, width: int, 
         "directions": directions,
         "width": width,
         "dtype": "float32",
+        "collapse": collapse,
     }
-    row["primal_s"] = median_time(lambda: x @ W0.T, backend, repeats)
-    row["estimate_s"] = median_time(
-        lambda: collapsed(model, params, x, step).value, backend, repeats
-    )
-    row["estimate_uncollapsed_s"] = median_time(
-        lambda: uncollapsed(model, params, x, step).value, backend, repeats
-    )
-    for name in ("estimate", "estimate_uncollapsed"):
-        row[f"{name}_extra_per_point_s"] = (row[f"{name}_s"] - row["primal_s"]) / batch
-    row["collapsed_speedup"] = row["estimate_uncollapsed_s"] / row["estimate_s"]
-
-    for name, oracle in (("estimate", collapsed), ("estimate_uncollapsed", uncollapsed)):
-        backend.reset_peak_memory()
-        before = backend.peak_memory()
-        backend.synchronize(oracle(model, params, x, step).value)
-        row[f"{name}_extra_peak_bytes"] = backend.peak_memory() - before
-        row[f"{name}_extra_peak_bytes_per_point"] = row[f"{name}_extra_peak_bytes"] / batch
     row["param_bytes"] = 4 * sum(math.prod(p["W"].shape) + math.prod(p["b"].shape) for p in params)
     row["batch_bytes"] = batch * d * 4
+    backend.reset_peak_memory()
+    before = backend.peak_memory()
+    backend.synchronize(oracle(model, params, x, step).value)
+    row["extra_peak_bytes"] = backend.peak_memory() - before
+    row["extra_peak_bytes_per_point"] = row["extra_peak_bytes"] / batch
+
+    row["gemm_s"] = median_time(lambda: x @ W0.T, backend, repeats)
+    row["forward_s"] = median_time(lambda: model.apply(params, x), backend, repeats)
+    row["estimate_s"] = median_time(lambda: oracle(model, params, x, step).value, backend, repeats)
+    row["extra_per_point_s"] = (row["estimate_s"] - row["forward_s"]) / batch
+    row["extra_over_gemm_per_point_s"] = (row["estimate_s"] - row["gemm_s"]) / batch
     return row
 
 
@@ -100,32 +101,30 @@ def plot(rows, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for backend in sorted({r["backend"] for r in rows}):
-        sel = sorted((r for r in rows if r["backend"] == backend), key=lambda r: r["d"])
-        dims = [r["d"] for r in sel]
-        for name, style in (("estimate", "-o"), ("estimate_uncollapsed", "--s")):
-            label = f"{backend}, {'collapsed' if name == 'estimate' else 'uncollapsed'}"
-            axes[0].plot(
-                dims, [1e6 * r[f"{name}_extra_per_point_s"] for r in sel], style, label=label
+        for collapse, style in ((True, "-o"), (False, "--s")):
+            sel = sorted(
+                (r for r in rows if r["backend"] == backend and r["collapse"] == collapse),
+                key=lambda r: r["d"],
             )
+            dims = [r["d"] for r in sel]
+            label = f"{backend}, {'collapsed' if collapse else 'uncollapsed'}"
+            axes[0].plot(dims, [1e6 * r["extra_per_point_s"] for r in sel], style, label=label)
             axes[1].plot(
-                dims,
-                [r[f"{name}_extra_peak_bytes_per_point"] / 2**10 for r in sel],
-                style,
-                label=label,
+                dims, [r["extra_peak_bytes_per_point"] / 2**10 for r in sel], style, label=label
             )
-        axes[0].plot(
-            dims,
-            [1e6 * r["primal_s"] / r["batch"] for r in sel],
-            ":",
-            color="gray",
-            label=f"{backend}, primal x Wᵀ per point",
-        )
+            if collapse:
+                axes[0].plot(
+                    dims,
+                    [1e6 * r["forward_s"] / r["batch"] for r in sel],
+                    ":",
+                    label=f"{backend}, forward pass per point (grows with d)",
+                )
     axes[0].set(
         xscale="log",
         yscale="log",
         xlabel="d",
         ylabel="µs per point",
-        title="time per point beyond the primal GEMM",
+        title="estimate time per point beyond the forward pass",
     )
     axes[1].set(
         xscale="log",
@@ -149,7 +148,9 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=str(RESULTS / "sparse_laplacian.json"))
-    parser.add_argument("--one", nargs=2, metavar=("BACKEND", "D"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--one", nargs=3, metavar=("BACKEND", "D", "COLLAPSE"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
 
     if args.one:
@@ -160,6 +161,7 @@ def main() -> None:
             args.directions,
             args.width,
             args.repeats,
+            collapse=args.one[2] == "collapse",
         )
         print(json.dumps(row))
         return
@@ -167,34 +169,36 @@ def main() -> None:
     rows = []
     for backend in args.backends:
         for d in map(int, args.dims):
-            cmd = [
-                sys.executable,
-                __file__,
-                "--one",
-                backend,
-                str(d),
-                "--batch",
-                str(args.batch),
-                "--directions",
-                str(args.directions),
-                "--width",
-                str(args.width),
-                "--repeats",
-                str(args.repeats),
-            ]
-            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            if done.returncode != 0:
-                print(f"{backend} d={d}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
-                continue
-            row = json.loads(done.stdout.strip().splitlines()[-1])
-            rows.append(row)
-            print(
-                f"{backend:>6} d={d:>8}: primal {1e3 * row['primal_s']:8.2f} ms, "
-                f"estimate {1e3 * row['estimate_s']:8.2f} ms, extra/point "
-                f"{1e6 * row['estimate_extra_per_point_s']:7.1f} µs, collapsed speed-up "
-                f"{row['collapsed_speedup']:.2f}x, extra peak/point "
-                f"{row['estimate_extra_peak_bytes_per_point'] / 2**10:7.1f} KiB"
-            )
+            for mode in ("collapse", "no-collapse"):
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--one",
+                    backend,
+                    str(d),
+                    mode,
+                    "--batch",
+                    str(args.batch),
+                    "--directions",
+                    str(args.directions),
+                    "--width",
+                    str(args.width),
+                    "--repeats",
+                    str(args.repeats),
+                ]
+                done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+                if done.returncode != 0:
+                    print(f"{backend} d={d} {mode}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
+                    continue
+                row = json.loads(done.stdout.strip().splitlines()[-1])
+                rows.append(row)
+                print(
+                    f"{backend:>6} d={d:>8} {mode:>11}: gemm {1e3 * row['gemm_s']:8.2f} ms, "
+                    f"forward {1e3 * row['forward_s']:8.2f} ms, estimate "
+                    f"{1e3 * row['estimate_s']:8.2f} ms, beyond forward/point "
+                    f"{1e6 * row['extra_per_point_s']:6.1f} µs, extra peak/point "
+                    f"{row['extra_peak_bytes_per_point'] / 2**10:7.1f} KiB"
+                )
     import sdze
 
     result = {
