@@ -384,7 +384,34 @@ class ExactLaplacian(Oracle):
 
 
 @dataclass(frozen=True)
-class HutchinsonLaplacian(Oracle):
+class _DenseTangentOracle(Oracle):
+    """Shared by the dense estimators: (1 / (m V)) Σ_{v=1..V} D^K u[ξ_v].
+
+    K is the subclass's ``order`` and m its ``moment``, the constant with
+    E D^K u[ξ] = m (L u)(x) for the subclass's tangent distribution.
+    """
+
+    moment: ClassVar[int] = 1
+    num_directions: int = 16
+    distribution: str = "rademacher"
+    collapse: bool = True
+
+    def __post_init__(self):
+        _check_count("num_directions", self.num_directions)
+        _check_distribution(self.distribution)
+
+    def sample(self, key, x):
+        """Tangents ξ of shape (V, d), shared by all points."""
+        return _dense_tangents(key, x, self.num_directions, self.distribution)
+
+    def estimate(self, model, params, x, sample, linear=None) -> OperatorEstimate:
+        _dimension(x)
+        jet = model.jet(params, x, sample, self.order, collapse=self.collapse, linear=linear)
+        return OperatorEstimate(jet.primal, _top_sum(jet) / (self.moment * sample.shape[0]))
+
+
+@dataclass(frozen=True)
+class HutchinsonLaplacian(_DenseTangentOracle):
     """Δu by Hutchinson's trace estimator on dense tangents (SPEC section 3).
 
     Estimator::
@@ -408,29 +435,15 @@ class HutchinsonLaplacian(Oracle):
     """
 
     order: ClassVar[int] = 2
-    num_directions: int = 16
+    moment: ClassVar[int] = 1
     distribution: str = "rademacher"
-    collapse: bool = True
-
-    def __post_init__(self):
-        _check_count("num_directions", self.num_directions)
-        _check_distribution(self.distribution)
-
-    def sample(self, key, x):
-        """Tangents ξ of shape (V, d), shared by all points."""
-        return _dense_tangents(key, x, self.num_directions, self.distribution)
-
-    def estimate(self, model, params, x, sample, linear=None) -> OperatorEstimate:
-        _dimension(x)
-        jet = model.jet(params, x, sample, 2, collapse=self.collapse, linear=linear)
-        return OperatorEstimate(jet.primal, _top_sum(jet) / sample.shape[0])
 
 
 # -- biharmonic ---------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class DenseBiharmonic(Oracle):
+class DenseBiharmonic(_DenseTangentOracle):
     """Δ²u from 4-jets along Gaussian tangents (SPEC section 3).
 
     Estimator::
@@ -459,22 +472,8 @@ class DenseBiharmonic(Oracle):
     """
 
     order: ClassVar[int] = 4
-    num_directions: int = 16
+    moment: ClassVar[int] = 3
     distribution: str = "gaussian"
-    collapse: bool = True
-
-    def __post_init__(self):
-        _check_count("num_directions", self.num_directions)
-        _check_distribution(self.distribution)
-
-    def sample(self, key, x):
-        """Tangents ξ of shape (V, d), shared by all points."""
-        return _dense_tangents(key, x, self.num_directions, self.distribution)
-
-    def estimate(self, model, params, x, sample, linear=None) -> OperatorEstimate:
-        _dimension(x)
-        jet = model.jet(params, x, sample, 4, collapse=self.collapse, linear=linear)
-        return OperatorEstimate(jet.primal, _top_sum(jet) / (3 * sample.shape[0]))
 
 
 @dataclass(frozen=True)
