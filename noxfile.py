@@ -50,7 +50,14 @@ def backend_requirements(backend: str, gpu: bool) -> list[str]:
 
 
 def install(session: nox.Session, backend: str, gpu: bool = False) -> None:
+    """sdze, the backend's library, and the test tools.
+
+    The jet and oracle tests compare every backend with references computed
+    by ``jax.experimental.jet``, JAX autodiff and ``torch.func``, so JAX
+    (in the ``test`` group) and PyTorch are installed whatever the backend.
+    """
     session.install(*nox.project.dependency_groups(PYPROJECT, "test"))
+    session.install(*backend_requirements("torch", gpu))
     session.install(*backend_requirements(backend, gpu))
     session.install("-e", ".")
 
