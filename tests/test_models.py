@@ -15,7 +15,7 @@ import torch
 from array_api_compat import array_namespace
 from jax.experimental.jet import jet as jax_jet
 
-from sdze.testing import get_test_backend
+from sdze.testing import SpyLinear, get_test_backend
 from sdze_core import jets
 from sdze_core.keys import fold_in, key
 from sdze_core.models import MLP, Ansatz, default_linear
@@ -244,25 +244,10 @@ def test_coordinate_jets_equal_one_hot_jets(backend, model):
             assert_close(b.to_host(s), b.to_host(d), RTOL64)
 
 
-class Spy:
-    """A linear hook that records its calls and otherwise changes nothing."""
-
-    def __init__(self):
-        self.calls, self.column_calls = [], []
-
-    def __call__(self, layer, p, x, is_primal):
-        self.calls.append((layer, is_primal, tuple(x.shape)))
-        return default_linear(layer, p, x, is_primal)
-
-    def columns(self, layer, p, index):
-        self.column_calls.append((layer, tuple(index.shape)))
-        return default_linear.columns(layer, p, index)
-
-
 def test_coordinate_first_layer_is_a_gather(backend):
     """Along e_j the first layer is only a column gather: no product with a (V, d) array."""
     b = backend.with_config(dtype="float64")
-    spy = Spy()
+    spy = SpyLinear()
     params, x = backend_params(b), b.asarray(points(), dtype=b.dtype)
     out = MLP(SIZES).jet(params, x, directions_for(b, "index"), 3, linear=spy)
     assert spy.column_calls == [(0, (V,))]

@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 from array_api_compat import array_namespace
 
+from sdze.testing import SpyLinear
 from sdze_core.keys import fold_in, key, split
 from sdze_core.models import MLP, Ansatz, default_linear
 from sdze_core.oracles import (
@@ -417,21 +418,6 @@ def test_orders_and_float32(backend):
 # -- costs: coordinate directions are gathers; the linear hook is passed through ----------------
 
 
-class Spy:
-    """A linear hook that records its calls and otherwise changes nothing."""
-
-    def __init__(self):
-        self.calls, self.column_calls = [], []
-
-    def __call__(self, layer, p, x, is_primal):
-        self.calls.append((layer, is_primal, tuple(x.shape)))
-        return default_linear(layer, p, x, is_primal)
-
-    def columns(self, layer, p, index):
-        self.column_calls.append((layer, tuple(index.shape)))
-        return default_linear.columns(layer, p, index)
-
-
 @pytest.mark.parametrize(
     "oracle",
     [
@@ -444,7 +430,7 @@ class Spy:
 def test_coordinate_oracles_only_gather_first_layer_columns(backend, oracle):
     """No (V, d) one-hot: the first layer sees x once (the primal) and gathers V columns."""
     b, model, params, x = setup(backend, "ball")
-    spy = Spy()
+    spy = SpyLinear()
     out = oracle(model, params, x, key(3), linear=spy)
     assert [c for c in spy.calls if c[0] == 0] == [(0, True, (B, 5))]
     assert spy.column_calls == [(0, (2 if not isinstance(oracle, SparseDiagonal) else 3,))]

@@ -20,6 +20,7 @@ import os
 
 import pytest
 
+from sdze_core.models import default_linear
 from sdze_core.registry import BackendNotAvailableError, known_backends, make_backend
 
 _cache: dict = {}
@@ -86,3 +87,20 @@ def backend(request):
 def xp(backend):
     """The array namespace of the backend under test."""
     return backend.xp
+
+
+class SpyLinear:
+    """A ``linear`` hook for ``model.jet``/``apply`` that records its calls and
+    otherwise changes nothing: lets a test see which layer maps (and which
+    column gathers) a computation performs."""
+
+    def __init__(self):
+        self.calls, self.column_calls = [], []
+
+    def __call__(self, layer, p, x, is_primal):
+        self.calls.append((layer, is_primal, tuple(x.shape)))
+        return default_linear(layer, p, x, is_primal)
+
+    def columns(self, layer, p, index):
+        self.column_calls.append((layer, tuple(index.shape)))
+        return default_linear.columns(layer, p, index)
