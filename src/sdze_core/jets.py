@@ -60,6 +60,7 @@ __all__ = [
     "scale",
     "shift",
     "mul",
+    "insert_batch_axes",
     "squared_norm",
     "coordinate_squared_norm",
 ]
@@ -205,10 +206,12 @@ def coordinate_jet(primal, columns, order: int, collapse: bool = False) -> Jet:
 
     Parameters
     ----------
-    primal : array, shape (B, out)
+    primal : array, shape (B, out) or (*lead, B, out)
         The layer's primal output W x_0 + b.
-    columns : array, shape (out, V)
-        W[:, j] for each direction (``xp.take(W, j, axis=1)``).
+    columns : array, shape (out, V) or (*lead, out, V)
+        W[:, j] for each direction (``xp.take(W, j, axis=1)``). Leading axes
+        (the SDZE engine's query axis: one perturbed W per query) match the
+        primal's leading axes.
     order : int
         K >= 1.
     collapse : bool
@@ -217,12 +220,14 @@ def coordinate_jet(primal, columns, order: int, collapse: bool = False) -> Jet:
     Returns
     -------
     Jet
-        coeffs = (y_1 of shape (V, 1, out), None, ..., None).
+        coeffs = (y_1 of shape (V, *lead, 1, out), None, ..., None).
     """
     xp = array_namespace(primal, columns)
     order = _check_order(order)
-    out, V = columns.shape
-    tangent = xp.reshape(xp.permute_dims(columns, (1, 0)), (V,) + (1,) * (primal.ndim - 1) + (out,))
+    *lead, out, V = columns.shape
+    axes = (columns.ndim - 1,) + tuple(range(columns.ndim - 1))
+    ones = (1,) * (primal.ndim - 1 - len(lead))
+    tangent = xp.reshape(xp.permute_dims(columns, axes), (V, *lead, *ones, out))
     jet = Jet(primal, (tangent,) + (None,) * (order - 1))
     return _collapse_if(jet, collapse)
 
@@ -371,9 +376,17 @@ def _polynomial_table(value, order: int, kind: str) -> list:
 
 
 def _softplus(x):
-    """log(1 + e^x) = max(x, 0) + log1p(e^{-|x|}), without overflow."""
+    """log(1 + e^x) = max(x, 0) + log1p(e^{-|x|}), without overflow.
+
+    For complex x (a parameter tangent carried by complex step, see
+    ``sdze_core.perturbers``) |x| is replaced by x sign(Re x), the analytic
+    continuation of the same formula, so derivatives stay exact.
+    """
     xp = array_namespace(x)
-    ax = xp.abs(x)
+    if xp.isdtype(x.dtype, "complex floating"):
+        ax = x * xp.sign(xp.real(x))
+    else:
+        ax = xp.abs(x)
     return (x + ax) / 2 + xp.log1p(xp.exp(-ax))
 
 
@@ -564,6 +577,27 @@ def scale(jet: Jet, c) -> Jet:
 def shift(jet: Jet, c) -> Jet:
     """Jet of f + c for a constant c: only the primal changes."""
     return _make(jet.collapsed, jet.primal + c, jet.coeffs)
+
+
+def insert_batch_axes(jet: Jet, count: int = 1) -> Jet:
+    """Insert ``count`` size-1 batch axes in front of the primal's axes.
+
+    The primal (B,) becomes (1, B); a coefficient with n direction axes gets
+    the new axes right after them ((V, B) -> (V, 1, B)). Used to combine a jet
+    of the points alone (a boundary factor) with a network jet that carries
+    the SDZE engine's query axis.
+    """
+    xp = array_namespace(jet.primal)
+
+    def expand(c, position):
+        if c is None:
+            return None
+        shape = tuple(c.shape)
+        return xp.reshape(c, shape[:position] + (1,) * count + shape[position:])
+
+    primal = expand(jet.primal, 0)
+    coeffs = [None if c is None else expand(c, c.ndim - jet.primal.ndim) for c in jet.coeffs]
+    return _make(jet.collapsed, primal, coeffs)
 
 
 def _leibniz(f: Jet, g: Jet, product: Callable) -> Jet:

@@ -18,7 +18,10 @@ weights never have to be formed. It is called as
 ``linear(layer_index, layer_params, x, is_primal)`` and must return
 ``x (W + ΔW)ᵀ + b`` when ``is_primal`` and ``x (W + ΔW)ᵀ`` otherwise, for x with
 any leading axes (jet coefficients carry direction axes). The SDZE engine
-passes one that adds ε c U (S (Vᵀ x)) to the default x Wᵀ (SPEC section 5).
+passes one that adds ε c U (S (Vᵀ x)) to the default x Wᵀ (SPEC section 5),
+for all its perturbed copies at once: the first layer's hook returns a new
+leading query axis (B, d) -> (Q, B, h) (after any direction axes), which the
+later layers, the output (Q, B) and the ansatz carry along.
 Along coordinate directions the first layer needs W[:, j] rather than a
 product with e_j, so a hook used there must also have a method
 ``columns(layer_index, layer_params, index)`` returning the (out, V) columns
@@ -252,4 +255,7 @@ class Ansatz:
             norm2 = jets.coordinate_squared_norm(x, directions, order)
         else:
             norm2 = jets.squared_norm(jets.input_jet(x, directions, order))
-        return jets.mul(self._boundary_factor(norm2), net)
+        g = self._boundary_factor(norm2)
+        # A hook may add leading batch axes (the engine's queries): g broadcasts over them.
+        extra = net.primal.ndim - g.primal.ndim
+        return jets.mul(jets.insert_batch_axes(g, extra) if extra else g, net)

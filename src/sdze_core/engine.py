@@ -1,0 +1,149 @@
+"""The SDZE training step: CRNS perturber + sampler + optimizer (SPEC sections 4-5).
+
+One step t, with the run's key k::
+
+    k_t = fold_in(k, t)
+    spatial, param = fold_in(k_t, "spatial"), fold_in(k_t, "param")
+    state, params, transition = sampler.refresh(state, params, t)   # every T steps
+    z = sampler.draw(state, params, param, q)                       # small: S_i, z_b
+    g = perturber.estimate(loss, params, sampler, state, z, spatial) # one batched pass
+    ĝ = sampler.project(z, g)                                        # (1/q) Σ g_i z_i
+    D, opt_state = optimizer.update(ĝ, opt_state, t, transition)
+    state, params = sampler.apply(state, params, z, D)               # W += U D Vᵀ
+
+Spatial and parameter randomness come from separate branches of the key
+tree, so redrawing z never changes ξ. A NaN or Inf among the losses raises
+:class:`~sdze_core.perturbers.NonFiniteLossError` before anything is applied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from array_api_compat import array_namespace
+
+from .keys import Key, fold_in
+from .optimizers import Optimizer, zo_sgd
+from .perturbers import CRNSPerturber, NonFiniteLossError
+from .registry import backend_of
+from .samplers import LowRankSubspace, Sampler
+
+__all__ = ["SDZE", "SDZEState", "StepInfo"]
+
+
+class SDZEState(NamedTuple):
+    """Everything a run carries besides the parameters: O(1) in P.
+
+    Attributes
+    ----------
+    step : int
+        The next step's index t.
+    key : Key
+        The run's step key (step t uses ``fold_in(key, t)``).
+    sampler : Any
+        The sampler's state (bases or their key, pending r × r updates).
+    optimizer : Any
+        The optimizer's state (counters, moments in subspace coordinates).
+    """
+
+    step: int
+    key: Key
+    sampler: Any
+    optimizer: Any
+
+
+class StepInfo(NamedTuple):
+    """What a step reports: ``loss`` ≈ ℓ(θ; ξ_t) (host float) and ``g`` (q,)."""
+
+    loss: float
+    g: Any
+
+
+@dataclass(frozen=True)
+class SDZE:
+    """Zeroth-order PINN training without back-propagation.
+
+    Parameters
+    ----------
+    perturber : CRNSPerturber
+        The gradient estimator (q, ε, CRNS on/off, central or forward).
+    sampler : Sampler
+        The perturbation directions (default :class:`LowRankSubspace`).
+    optimizer : Optimizer
+        Default ZO-SGD with η = 1e-3.
+
+    Examples
+    --------
+    >>> engine = SDZE(CRNSPerturber(num_queries=4), LowRankSubspace(rank=8), zo_adam(1e-3))
+    >>> state = engine.init(key, params)
+    >>> for _ in range(1000):
+    ...     params, state, info = engine.step(loss, params, state)
+    >>> state, params = engine.merge(params, state)   # fold pending updates into W
+    """
+
+    perturber: CRNSPerturber = field(default_factory=CRNSPerturber)
+    sampler: Sampler = field(default_factory=LowRankSubspace)
+    optimizer: Optimizer = field(default_factory=zo_sgd)
+
+    def __post_init__(self):
+        if self.optimizer.needs_coordinates and not self.sampler.has_coordinates:
+            raise ValueError(
+                f"{type(self.sampler).__name__} has no small coordinates: momentum and Adam "
+                "would need P-sized moments; use zo_sgd without momentum or a subspace sampler"
+            )
+
+    def init(self, key: Key, params) -> SDZEState:
+        """State for a run from ``key``: sampler from ``fold_in(key, "sampler")``,
+        step keys from ``fold_in(key, "steps")``."""
+        sampler_state = self.sampler.init(fold_in(key, "sampler"), params)
+        directions = self.sampler.draw(sampler_state, params, fold_in(key, "template"), 1)
+        g = backend_of(params[0]["W"]).zeros((1,), dtype=params[0]["W"].dtype)
+        template = self.sampler.project(directions, g)
+        return SDZEState(0, fold_in(key, "steps"), sampler_state, self.optimizer.init(template))
+
+    def step_keys(self, state: SDZEState) -> tuple[Key, Key]:
+        """(spatial, parameter) keys of the next step."""
+        step_key = fold_in(state.key, state.step)
+        return fold_in(step_key, "spatial"), fold_in(step_key, "param")
+
+    def step(self, loss, params, state: SDZEState):
+        """One SDZE step: ``(params, state, info)``.
+
+        Raises
+        ------
+        NonFiniteLossError
+            If a perturbed loss is NaN or Inf; ``params`` and ``state`` are
+            then left as they were (up to a pending update folded in at a
+            basis refresh, which does not change the network).
+        """
+        t = state.step
+        spatial_key, param_key = self.step_keys(state)
+        sampler_state, params, transition = self.sampler.refresh(state.sampler, params, t)
+        directions = self.sampler.draw(sampler_state, params, param_key, self.perturber.num_queries)
+        estimate = self.perturber.estimate(
+            loss, params, self.sampler, sampler_state, directions, spatial_key
+        )
+        xp = array_namespace(estimate.g)
+        if not bool(xp.all(xp.isfinite(estimate.losses))):
+            values = backend_of(estimate.g).to_host(estimate.losses).tolist()
+            raise NonFiniteLossError(
+                f"step {t}: the loss is not finite at the perturbed parameters ({values}); "
+                "the step was not applied. Lower the learning rate or eps, or check the problem.",
+                step=t,
+                losses=values,
+            )
+        coords = self.sampler.project(directions, estimate.g)
+        updates, opt_state = self.optimizer.update(coords, state.optimizer, t, transition)
+        sampler_state, params = self.sampler.apply(sampler_state, params, directions, updates)
+        new_state = SDZEState(t + 1, state.key, sampler_state, opt_state)
+        return params, new_state, StepInfo(float(estimate.loss), estimate.g)
+
+    def merge(self, params, state: SDZEState):
+        """``(state, params)`` with any pending low-rank update folded into the weights."""
+        sampler_state, params = self.sampler.merge(state.sampler, params)
+        return state._replace(sampler=sampler_state), params
+
+    def hook(self, params, state: SDZEState):
+        """A linear hook evaluating the current network without merging (for evaluation)."""
+        return self.sampler.evaluation_hook(state.sampler, params)

@@ -1,0 +1,85 @@
+"""PINN losses as functions of the parameters and the step's spatial randomness ξ.
+
+A zeroth-order step evaluates one loss ℓ(θ; ξ) at many perturbed parameters
+with the same ξ (CRNS, SPEC section 4). :class:`ResidualLoss` therefore
+splits the draw of ξ (collocation points and the oracle's directions,
+:meth:`ResidualLoss.sample`) from the evaluation (:meth:`ResidualLoss.__call__`),
+which is deterministic given ξ and accepts a linear hook that evaluates a
+batch of Q perturbed networks at once: the loss then has shape (Q,).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from array_api_compat import array_namespace
+
+from .keys import Key, fold_in
+
+__all__ = ["SpatialSample", "ResidualLoss"]
+
+
+class SpatialSample(NamedTuple):
+    """ξ: the collocation points x (B, d) and the oracle's draws (one, or two for
+    the unbiased loss)."""
+
+    x: Any
+    oracle: tuple
+
+
+@dataclass(frozen=True)
+class ResidualLoss:
+    """ℓ(θ; ξ) = (1/B) Σ_b r̂_b², the mean squared PDE residual (SPEC section 3).
+
+    For an equation L u = F(u, x), r̂ = L̂u − F(u, x) with L̂ the oracle's
+    estimate. With ``unbiased=True`` the loss is (1/B) Σ_b r̂_{1,b} r̂_{2,b},
+    two independent oracle draws, whose mean is the exact squared residual.
+
+    Parameters
+    ----------
+    model : MLP or Ansatz
+        The network (anything with ``jet``).
+    oracle : Oracle
+        The spatial estimator of L u.
+    rhs : callable
+        ``rhs(u, x)`` -> F(u, x), shape (B,) (or broadcasting against u of
+        shape (Q, B) when a batched hook is used).
+    points : callable
+        ``points(key)`` -> collocation points x of shape (B, d), drawn from the key only.
+    unbiased : bool
+        Use the product of two independent residual estimates.
+    """
+
+    model: Any
+    oracle: Any
+    rhs: Callable[[Any, Any], Any]
+    points: Callable[[Key], Any]
+    unbiased: bool = False
+
+    def sample(self, key: Key) -> SpatialSample:
+        """ξ from ``key``: points from ``fold_in(key, "points")``, the oracle's draws
+        from ``fold_in(key, "oracle")`` (folded with 0 and 1 for the unbiased loss)."""
+        x = self.points(fold_in(key, "points"))
+        oracle_key = fold_in(key, "oracle")
+        if self.unbiased:
+            draws = tuple(self.oracle.sample(fold_in(oracle_key, i), x) for i in (0, 1))
+        else:
+            draws = (self.oracle.sample(oracle_key, x),)
+        return SpatialSample(x, draws)
+
+    def residuals(self, params, xi: SpatialSample, linear=None) -> tuple:
+        """The residual estimates r̂ (one or two), each of shape (B,) or (Q, B)."""
+        out = []
+        for draw in xi.oracle:
+            estimate = self.oracle.estimate(self.model, params, xi.x, draw, linear=linear)
+            out.append(estimate.value - self.rhs(estimate.u, xi.x))
+        return tuple(out)
+
+    def __call__(self, params, xi: SpatialSample, linear=None):
+        """ℓ(θ; ξ): shape () for a plain evaluation, (Q,) with a batched hook."""
+        r = self.residuals(params, xi, linear)
+        xp = array_namespace(r[0])
+        product = r[0] * r[1] if self.unbiased else r[0] * r[0]
+        return xp.mean(product, axis=-1)
