@@ -14,7 +14,11 @@ any array-API backend (NumPy, PyTorch, JAX, CuPy, ...).
 
 from sdze_backends import register_builtin_backends as _register_builtin_backends
 from sdze_core.backend import Backend
+from sdze_core.engine import SDZE, SDZEState, StepInfo
 from sdze_core.keys import Key, as_key, fold_in, key, split
+from sdze_core.objectives import ResidualLoss
+from sdze_core.optimizers import constant, cosine_decay, linear_decay, zo_adam, zo_sgd
+from sdze_core.perturbers import CRNSPerturber, NonFiniteLossError
 from sdze_core.registry import (
     BackendNotAvailableError,
     UnknownBackendError,
@@ -25,6 +29,7 @@ from sdze_core.registry import (
     register_backend,
     use,
 )
+from sdze_core.samplers import FullGaussian, LowRankSubspace
 
 from . import random
 from ._version import __version__
@@ -35,17 +40,30 @@ __all__ = [
     "__version__",
     "Backend",
     "BackendNotAvailableError",
+    "CRNSPerturber",
+    "FullGaussian",
     "Key",
+    "LowRankSubspace",
+    "NonFiniteLossError",
+    "ResidualLoss",
+    "SDZE",
+    "SDZEState",
+    "StepInfo",
     "UnknownBackendError",
     "as_key",
     "available_backends",
     "backend_of",
+    "constant",
+    "cosine_decay",
     "fold_in",
     "get_backend",
     "key",
     "known_backends",
+    "linear_decay",
     "random",
     "register_backend",
     "split",
     "use",
+    "zo_adam",
+    "zo_sgd",
 ]

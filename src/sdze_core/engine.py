@@ -8,7 +8,8 @@ One step t, with the run's key k::
     z = sampler.draw(state, params, param, q)                       # small: S_i, z_b
     g = perturber.estimate(loss, params, sampler, state, z, spatial) # one batched pass
     ĝ = sampler.project(z, g)                                        # (1/q) Σ g_i z_i
-    D, opt_state = optimizer.update(ĝ, opt_state, t, transition)
+    opt_state = optimizer.rebase(opt_state, transition)              # new bases only
+    D, opt_state = optimizer.update(ĝ, opt_state, t)
     state, params = sampler.apply(state, params, z, D)               # W += U D Vᵀ
 
 Spatial and parameter randomness come from separate branches of the key
@@ -110,16 +111,26 @@ class SDZE:
     def step(self, loss, params, state: SDZEState):
         """One SDZE step: ``(params, state, info)``.
 
+        Parameters are updated in place where the backend's arrays are
+        mutable (NumPy, PyTorch, CuPy) and donated on JAX: keep using the
+        returned ``params`` (copy them first if the originals are needed).
+
         Raises
         ------
         NonFiniteLossError
-            If a perturbed loss is NaN or Inf; ``params`` and ``state`` are
-            then left as they were (up to a pending update folded in at a
-            basis refresh, which does not change the network).
+            If a perturbed loss is NaN or Inf. Nothing of the step is applied;
+            the error's ``params`` and ``state`` are the last good state, the
+            network before this step (at a basis refresh the pending update
+            has been folded into W: use these, not the arguments).
         """
         t = state.step
         spatial_key, param_key = self.step_keys(state)
         sampler_state, params, transition = self.sampler.refresh(state.sampler, params, t)
+        opt_state = state.optimizer
+        if transition is not None:
+            opt_state = self.optimizer.rebase(opt_state, transition)
+        # (params, before) is the network before this step, whatever happens below.
+        before = SDZEState(t, state.key, sampler_state, opt_state)
         directions = self.sampler.draw(sampler_state, params, param_key, self.perturber.num_queries)
         estimate = self.perturber.estimate(
             loss, params, self.sampler, sampler_state, directions, spatial_key
@@ -129,12 +140,15 @@ class SDZE:
             values = backend_of(estimate.g).to_host(estimate.losses).tolist()
             raise NonFiniteLossError(
                 f"step {t}: the loss is not finite at the perturbed parameters ({values}); "
-                "the step was not applied. Lower the learning rate or eps, or check the problem.",
+                "the step was not applied (the error's .params and .state hold the last good "
+                "state). Lower the learning rate or eps, or check the problem.",
                 step=t,
                 losses=values,
+                params=params,
+                state=before,
             )
         coords = self.sampler.project(directions, estimate.g)
-        updates, opt_state = self.optimizer.update(coords, state.optimizer, t, transition)
+        updates, opt_state = self.optimizer.update(coords, opt_state, t)
         sampler_state, params = self.sampler.apply(sampler_state, params, directions, updates)
         new_state = SDZEState(t + 1, state.key, sampler_state, opt_state)
         return params, new_state, StepInfo(float(estimate.loss), estimate.g)

@@ -109,7 +109,8 @@ class MLP:
         params = []
         for layer, (n_in, n_out) in enumerate(zip(self.sizes[:-1], self.sizes[1:], strict=True)):
             std = sqrt(2.0 / (n_in + n_out))
-            W = std * backend.normal(fold_in(key, layer), (n_out, n_in))
+            W = backend.normal(fold_in(key, layer), (n_out, n_in))
+            W *= std  # in place where arrays are mutable: no second P-sized array
             params.append({"W": W, "b": backend.zeros((n_out,))})
         return params
 

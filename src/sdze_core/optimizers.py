@@ -4,7 +4,8 @@ An optimizer is a pair of pure functions with explicit state::
 
     opt = zo_adam(learning_rate=cosine_decay(1e-3, 10_000))
     state = opt.init(coords)                       # coords: the sampler's coordinates
-    updates, state = opt.update(coords, state, step, transition)
+    state = opt.rebase(state, transition)          # only when the bases changed
+    updates, state = opt.update(coords, state, step)
 
 ``coords`` is the gradient estimate in the sampler's coordinates (r × r per
 weight matrix for :class:`~sdze_core.samplers.LowRankSubspace`, a vector per
@@ -15,8 +16,9 @@ to the parameters (W ← W + U D Vᵀ). No optimizer holds anything of size P:
   are regenerated from their keys when the step is applied (seed replay);
 * momentum and Adam keep their moments in subspace coordinates, O(r²) per
   layer (plus the bias vectors). When the sampler draws new bases,
-  ``transition`` = per layer (R_U, R_V) = (U_newᵀ U_old, V_newᵀ V_old) and the
-  moments are either projected onto the new subspace (m ← R_U m R_Vᵀ; for
+  ``rebase`` receives ``transition`` = per layer (R_U, R_V) =
+  (U_newᵀ U_old, V_newᵀ V_old) and the moments are either projected onto the
+  new subspace (m ← R_U m R_Vᵀ; for
   Adam's second moment the elementwise squares of R_U, R_V, exact when the
   bases are permuted) or reset, per ``on_refresh``.
 
@@ -138,7 +140,8 @@ def state_nbytes(state) -> int:
 
 class Optimizer(NamedTuple):
     """A pure optimizer: ``init(coords) -> state``,
-    ``update(coords, state, step, transition=None) -> (updates, state)``.
+    ``update(coords, state, step) -> (updates, state)`` and
+    ``rebase(state, transition) -> state`` (the moments in new bases).
 
     Attributes
     ----------
@@ -149,6 +152,7 @@ class Optimizer(NamedTuple):
 
     init: Callable
     update: Callable
+    rebase: Callable
     needs_coordinates: bool
 
 
@@ -210,18 +214,23 @@ def zo_sgd(
             return SGDState(None)
         return SGDState(_map(lambda a: array_namespace(a).zeros_like(a), coords))
 
-    def update(coords, state: SGDState, step: int, transition=None):
+    def update(coords, state: SGDState, step: int):
         g = _normalized(coords, normalize)
         lr = schedule(step)
         if state.momentum is None:
             return _map(lambda a: -lr * a, g), state
-        m = state.momentum
-        if transition is not None:
-            m = _project(m, transition) if on_refresh == "project" else _map(lambda a: 0 * a, m)
-        m = _map(lambda a, b: beta * a + b, m, g)
+        m = _map(lambda a, b: beta * a + b, state.momentum, g)
         return _map(lambda a: -lr * a, m), SGDState(m)
 
-    return Optimizer(init, update, needs_coordinates=beta != 0.0)
+    def rebase(state: SGDState, transition) -> SGDState:
+        m = state.momentum
+        if m is None or transition is None:
+            return state
+        if on_refresh == "project":
+            return SGDState(_project(m, transition))
+        return SGDState(_map(lambda a: array_namespace(a).zeros_like(a), m))
+
+    return Optimizer(init, update, rebase, needs_coordinates=beta != 0.0)
 
 
 def zo_adam(
@@ -249,14 +258,9 @@ def zo_adam(
         zeros = _map(lambda a: array_namespace(a).zeros_like(a), coords)
         return AdamState(0, zeros, _map(lambda a: array_namespace(a).zeros_like(a), coords))
 
-    def update(coords, state: AdamState, step: int, transition=None):
+    def update(coords, state: AdamState, step: int):
         g = _normalized(coords, normalize)
         count, mu, nu = state
-        if transition is not None:
-            if on_refresh == "project":
-                mu, nu = _project(mu, transition), _project(nu, transition, squared=True)
-            else:
-                count, mu, nu = init(coords)
         count += 1
         mu = _map(lambda m, a: b1 * m + (1 - b1) * a, mu, g)
         nu = _map(lambda v, a: b2 * v + (1 - b2) * a * a, nu, g)
@@ -269,4 +273,12 @@ def zo_adam(
 
         return _map(direction, mu, nu), AdamState(count, mu, nu)
 
-    return Optimizer(init, update, needs_coordinates=True)
+    def rebase(state: AdamState, transition) -> AdamState:
+        if transition is None:
+            return state
+        if on_refresh == "project":
+            mu = _project(state.mu, transition)
+            return AdamState(state.count, mu, _project(state.nu, transition, squared=True))
+        return init(state.mu)
+
+    return Optimizer(init, update, rebase, needs_coordinates=True)

@@ -53,12 +53,17 @@ class NonFiniteLossError(FloatingPointError):
         The training step.
     losses : list of float
         The evaluated losses (host values) of the step's queries.
+    params, state
+        The last good parameters and engine state (the network before the
+        failed step), when raised by :meth:`sdze_core.engine.SDZE.step`.
     """
 
-    def __init__(self, message: str, step: int | None = None, losses=()):
+    def __init__(self, message: str, step: int | None = None, losses=(), params=None, state=None):
         super().__init__(message)
         self.step = step
         self.losses = list(losses)
+        self.params = params
+        self.state = state
 
 
 class ZOEstimate(NamedTuple):

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from functools import cache
 from math import sqrt
 from typing import Any, NamedTuple
 
@@ -92,13 +93,26 @@ def add_low_rank(W, U, M, V):
     xp = array_namespace(W)
     UM = U @ M
     if not array_api_compat.is_writeable_array(W):
-        return W + UM @ xp.matrix_transpose(V)
+        return _functional_low_rank(backend_of(W))(W, UM, V)
     m, n = W.shape
     chunk = max(1, _CHUNK_ELEMENTS // max(m, 1))
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
         W[:, start:stop] += UM @ xp.matrix_transpose(V[start:stop, :])
     return W
+
+
+def _plus_low_rank(W, UM, V):
+    return W + UM @ array_namespace(W).matrix_transpose(V)
+
+
+@cache
+def _functional_low_rank(backend):
+    """W + UM Vᵀ compiled with W's buffer donated (JAX: updated in place by XLA)."""
+    try:
+        return backend.jit(_plus_low_rank, donate_argnums=(0,))
+    except TypeError:  # a backend whose compiler takes no donation
+        return _plus_low_rank
 
 
 def _add_vector(b, delta):
