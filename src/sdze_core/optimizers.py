@@ -131,7 +131,8 @@ def state_nbytes(state) -> int:
         for n in state.shape:
             size *= int(n)
         xp = array_namespace(state)
-        return size * (xp.finfo(state.dtype).bits // 8)
+        complex_factor = 2 if xp.isdtype(state.dtype, "complex floating") else 1
+        return size * complex_factor * (xp.finfo(state.dtype).bits // 8)
     return 0
 
 
@@ -230,7 +231,8 @@ def zo_sgd(
             return SGDState(_project(m, transition))
         return SGDState(_map(lambda a: array_namespace(a).zeros_like(a), m))
 
-    return Optimizer(init, update, rebase, needs_coordinates=beta != 0.0)
+    # Normalising needs ‖ĝ‖, which only a subspace's coordinates give.
+    return Optimizer(init, update, rebase, needs_coordinates=beta != 0.0 or normalize)
 
 
 def zo_adam(

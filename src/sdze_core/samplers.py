@@ -286,6 +286,11 @@ class _LayerSpec:
 
 def _query_arrays(directions_like, query_index, scales):
     """Backend arrays of the query index (Q,) and scales (Q,)."""
+    if scales is None:
+        raise ValueError("a hook with query_index needs scales (the step s_k of each query)")
+    count = directions_like.shape[0]
+    if isinstance(query_index, (list, tuple)) and not all(0 <= i < count for i in query_index):
+        raise ValueError(f"query_index must lie in range({count}), got {list(query_index)}")
     backend = backend_of(directions_like)
     xp = backend.xp
     index = backend.asarray(query_index, dtype=backend.index_dtype)
@@ -536,7 +541,9 @@ class LowRankSubspace(Sampler):
         xp = array_namespace(params[0]["W"])
         new_params = []
         for p, (U, V), A in zip(params, bases, state.pending, strict=True):
-            new_params.append({"W": add_low_rank(p["W"], U, A, V), "b": p["b"]})
+            if bool(xp.any(A != 0)):  # r × r on the host: skip an O(mn) pass for nothing
+                p = {"W": add_low_rank(p["W"], U, A, V), "b": p["b"]}
+            new_params.append(p)
         zeros = tuple(xp.zeros_like(A) for A in state.pending)
         return state._replace(pending=zeros), new_params
 
