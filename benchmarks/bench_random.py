@@ -60,13 +60,18 @@ def main() -> None:
         for size in map(int, args.sizes):
             row = measure(name, size, args.repeats)
             rows.append(row)
-            print(f"{name:>17} n={size:>8}  portable/native: "
-                  f"normal {row['normal_portable_over_native']:6.2f}, "
-                  f"uniform {row['uniform_portable_over_native']:6.2f}")
+            print(
+                f"{name:>17} n={size:>8}  portable/native: "
+                f"normal {row['normal_portable_over_native']:6.2f}, "
+                f"uniform {row['uniform_portable_over_native']:6.2f}"
+            )
     result = {
         "benchmark": "random_draws",
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "python": platform.python_version()},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "python": platform.python_version(),
+        },
         "sdze": sdze.__version__,
         "repeats": args.repeats,
         "rows": rows,

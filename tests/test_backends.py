@@ -253,8 +253,10 @@ def test_dispatch_and_draws_inside_jax_jit():
 
     def f(x):
         b = backend_of(x)
-        return x + b.normal(sdze.key(0), x.shape) + b.with_config(rng="portable").uniform(
-            sdze.key(1), x.shape
+        return (
+            x
+            + b.normal(sdze.key(0), x.shape)
+            + b.with_config(rng="portable").uniform(sdze.key(1), x.shape)
         )
 
     x = jax.numpy.zeros(5)

@@ -303,11 +303,17 @@ def compose(jet: Jet, derivs: Sequence) -> Jet:
         (``derivs[0]`` must be an array).
     """
     x = (jet.primal,) + tuple(jet.coeffs)
+    # x_j^m, built on demand. A loop, not a recursive closure: a closure that
+    # calls itself is a reference cycle that would keep these arrays alive
+    # until the garbage collector runs, and memory would grow step by step.
     powers: dict[tuple[int, int], Any] = {}
 
     def power_of(j, m):
-        if (j, m) not in powers:
-            powers[j, m] = x[j] if m == 1 else power_of(j, m - 1) * x[j]
+        start = max((e for (i, e) in powers if i == j and e <= m), default=0)
+        value = powers[j, start] if start else None
+        for e in range(start + 1, m + 1):
+            value = x[j] if e == 1 else value * x[j]
+            powers[j, e] = value
         return powers[j, m]
 
     K = jet.order
