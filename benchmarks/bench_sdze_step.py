@@ -58,6 +58,7 @@ def measure(backend_name, d, queries, batch, directions, width, depth, rank, ref
     """One configuration, in its own process: memory over init and steps, then timings."""
     import sdze  # noqa: F401  (registers the built-in backends)
     from sdze_core.engine import SDZE
+    from sdze_core.jets import rowwise_squared_norm
     from sdze_core.keys import fold_in, key
     from sdze_core.models import MLP, Ansatz
     from sdze_core.objectives import ResidualLoss
@@ -79,7 +80,7 @@ def measure(backend_name, d, queries, batch, directions, width, depth, rank, ref
         def points(k):
             x = backend.normal(k, (batch, dim))
             radius = backend.uniform(fold_in(k, 1), (batch, 1))
-            norm = xp.sqrt(xp.vecdot(x, x, axis=1))[:, None]  # no (B, d) temporary
+            norm = xp.sqrt(rowwise_squared_norm(x))[:, None]  # no (B, d) temporary
             x *= radius / norm  # in place: the batch is the only (B, d) array
             return x
 

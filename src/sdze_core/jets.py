@@ -62,6 +62,7 @@ __all__ = [
     "mul",
     "insert_batch_axes",
     "squared_norm",
+    "rowwise_squared_norm",
     "coordinate_squared_norm",
 ]
 
@@ -648,6 +649,17 @@ def squared_norm(jet: Jet) -> Jet:
     return _leibniz(jet, jet, lambda a, b: xp.vecdot(a, b, axis=-1))
 
 
+def rowwise_squared_norm(x):
+    """‖x‖² over the last axis, as a batched matrix product (x x ᵀ per row).
+
+    A BLAS dot per row: no temporary of x's size, and on PyTorch's CPU build
+    about 3x faster than ``vecdot`` (measured at B × d = 100 × 10^6, where it
+    matters: it reads the whole batch).
+    """
+    xp = array_namespace(x)
+    return (xp.expand_dims(x, axis=-2) @ xp.expand_dims(x, axis=-1))[..., 0, 0]
+
+
 def coordinate_squared_norm(x, index, order: int, collapse: bool = False) -> Jet:
     """Jet of ‖x‖^2 along coordinate directions e_j, j in ``index`` (shape (V,)).
 
@@ -670,7 +682,7 @@ def coordinate_squared_norm(x, index, order: int, collapse: bool = False) -> Jet
     """
     xp = array_namespace(x, index)
     order = _check_order(order)
-    primal = xp.vecdot(x, x, axis=-1)
+    primal = rowwise_squared_norm(x)
     first = 2 * xp.permute_dims(xp.take(x, index, axis=1), (1, 0))
     coeffs = [first]
     if order >= 2:

@@ -234,8 +234,7 @@ class Ansatz:
 
     def apply(self, params: Params, x, linear: LinearHook | None = None):
         """u(x) = g(x) N(x) for x of shape (B, d); shape (B,)."""
-        xp = array_namespace(x)
-        norm2 = xp.vecdot(x, x, axis=-1)
+        norm2 = jets.rowwise_squared_norm(x)
         g = 1.0 - norm2
         if self.boundary == "annulus":
             g = g * (4.0 - norm2)
