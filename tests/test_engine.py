@@ -10,6 +10,7 @@ import gc
 import numpy as np
 import pytest
 
+from helpers import assert_close, copy_params, host, host_params
 from sdze_core.engine import SDZE, SDZEState, StepInfo
 from sdze_core.keys import fold_in, key
 from sdze_core.models import MLP, Ansatz
@@ -25,26 +26,6 @@ RTOL64 = 1e-12
 
 
 # -- helpers -------------------------------------------------------------------------------
-
-
-def host(b, x):
-    return np.array(b.to_host(x))
-
-
-def host_params(b, params):
-    return [{k: host(b, v) for k, v in p.items()} for p in params]
-
-
-def copy_params(b, params):
-    xp = b.xp
-    return [{k: xp.asarray(v, copy=True) for k, v in p.items()} for p in params]
-
-
-def assert_close(actual, expected, rtol):
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    assert actual.shape == expected.shape
-    scale = max(1.0, float(np.max(np.abs(expected))))
-    np.testing.assert_allclose(actual, expected, rtol=0, atol=rtol * scale)
 
 
 def assert_params_equal(a, b):

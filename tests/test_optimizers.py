@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 
+from helpers import f64, host
 from sdze_core.engine import SDZE
 from sdze_core.keys import fold_in, key
 from sdze_core.models import MLP
@@ -24,14 +25,6 @@ from sdze_core.samplers import FullGaussian, LowRankSubspace
 
 RTOL64 = 1e-12
 SHAPES = [((3, 3), (4,)), ((1, 1), (1,))]  # r × r weight and bias coordinates per layer
-
-
-def f64(backend):
-    return backend.with_config(dtype="float64")
-
-
-def host(b, x):
-    return np.array(b.to_host(x))
 
 
 def host_tree(b, tree):

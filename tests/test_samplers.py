@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import sdze_core.samplers as samplers_module
+from helpers import assert_close, copy_params, f64, host, host_params
 from sdze_core.keys import fold_in, key
 from sdze_core.models import MLP, Ansatz
 from sdze_core.oracles import HutchinsonLaplacian, SparseLaplacian
@@ -28,33 +29,8 @@ RTOL32 = 1e-5
 # -- helpers -------------------------------------------------------------------------------
 
 
-def f64(backend):
-    return backend.with_config(dtype="float64")
-
-
-def host(b, x):
-    return np.array(b.to_host(x))
-
-
-def host_params(b, params):
-    return [{k: host(b, v) for k, v in p.items()} for p in params]
-
-
 def to_backend(b, params):
     return [{k: b.asarray(v, dtype=b.dtype) for k, v in p.items()} for p in params]
-
-
-def copy_params(b, params):
-    xp = b.xp
-    return [{k: xp.asarray(v, copy=True) for k, v in p.items()} for p in params]
-
-
-def assert_close(actual, expected, rtol):
-    """max |actual − expected| <= rtol · max(1, max |expected|)."""
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    assert actual.shape == expected.shape
-    scale = max(1.0, float(np.max(np.abs(expected))))
-    np.testing.assert_allclose(actual, expected, rtol=0, atol=rtol * scale)
 
 
 def points(b, d=SIZES[0], n=B):
