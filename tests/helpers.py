@@ -2,6 +2,8 @@
 
 import numpy as np
 
+from sdze_core.samplers import LowRankSubspace
+
 
 def f64(backend):
     """The same backend in float64."""
@@ -30,3 +32,20 @@ def assert_close(actual, expected, rtol):
     assert actual.shape == expected.shape
     scale = max(1.0, float(np.max(np.abs(expected))))
     np.testing.assert_allclose(actual, expected, rtol=0, atol=rtol * scale)
+
+
+def dense_params(b, sampler, state, directions, params, query, scale):
+    """θ + s z_query (plus the pending low-rank update) formed explicitly, on the backend."""
+    out = []
+    for layer, p in enumerate(host_params(b, params)):
+        W, bias = p["W"], p["b"]
+        if isinstance(sampler, LowRankSubspace):
+            Z = host(b, sampler.perturbation(directions, layer, query))
+            if state.pending is not None:
+                U, V = (host(b, a) for a in sampler.bases(state, params)[layer])
+                W = W + U @ host(b, state.pending[layer]) @ V.T
+        else:
+            Z = host(b, directions.W[layer])[query]
+        zb = host(b, directions.bias[layer])[query]
+        out.append({"W": W + scale * Z, "b": bias + scale * zb})
+    return [{k: b.asarray(v, dtype=b.dtype) for k, v in p.items()} for p in out]

@@ -10,7 +10,7 @@ import gc
 import numpy as np
 import pytest
 
-from helpers import assert_close, copy_params, host, host_params
+from helpers import assert_close, copy_params, dense_params, host, host_params
 from sdze_core.engine import SDZE, SDZEState, StepInfo
 from sdze_core.keys import fold_in, key
 from sdze_core.models import MLP, Ansatz
@@ -69,23 +69,6 @@ def run(engine, loss, params, seed, steps):
         params, state, info = engine.step(loss, params, state)
         losses.append(info.loss)
     return params, state, losses
-
-
-def dense_params(b, sampler, state, directions, params, query, scale):
-    """θ + s z_query (plus the pending low-rank update) formed explicitly."""
-    out = []
-    for layer, p in enumerate(host_params(b, params)):
-        W = p["W"]
-        if isinstance(sampler, LowRankSubspace):
-            Z = host(b, sampler.perturbation(directions, layer, query))
-            if state.pending is not None:
-                U, V = (host(b, a) for a in sampler.bases(state, params)[layer])
-                W = W + U @ host(b, state.pending[layer]) @ V.T
-        else:
-            Z = host(b, directions.W[layer])[query]
-        zb = host(b, directions.bias[layer])[query]
-        out.append({"W": W + scale * Z, "b": p["b"] + scale * zb})
-    return [{k: b.asarray(v, dtype=b.dtype) for k, v in p.items()} for p in out]
 
 
 # -- a step ----------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import sdze_core.samplers as samplers_module
-from helpers import assert_close, copy_params, f64, host, host_params
+from helpers import assert_close, copy_params, dense_params, f64, host, host_params
 from sdze_core.keys import fold_in, key
 from sdze_core.models import MLP, Ansatz
 from sdze_core.oracles import HutchinsonLaplacian, SparseLaplacian
@@ -246,23 +246,6 @@ def test_refresh_folds_the_pending_update_into_w_in_the_old_bases(backend):
 
 
 # -- the matrix-free hook against the dense computation -------------------------------------
-
-
-def dense_params(b, sampler, state, directions, params, query, scale):
-    """θ + s z_query (plus the pending low-rank update) formed explicitly, on the backend."""
-    out = []
-    for layer, p in enumerate(host_params(b, params)):
-        W, bias = p["W"], p["b"]
-        if isinstance(sampler, LowRankSubspace):
-            Z = host(b, sampler.perturbation(directions, layer, query))
-            if state.pending is not None:
-                U, V = (host(b, a) for a in sampler.bases(state, params)[layer])
-                W = W + U @ host(b, state.pending[layer]) @ V.T
-        else:
-            Z = host(b, directions.W[layer])[query]
-        zb = host(b, directions.bias[layer])[query]
-        out.append({"W": W + scale * Z, "b": bias + scale * zb})
-    return to_backend(b, out)
 
 
 def sampler_setup(b, kind, params):

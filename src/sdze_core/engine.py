@@ -98,9 +98,7 @@ class SDZE:
         """State for a run from ``key``: sampler from ``fold_in(key, "sampler")``,
         step keys from ``fold_in(key, "steps")``."""
         sampler_state = self.sampler.init(fold_in(key, "sampler"), params)
-        directions = self.sampler.draw(sampler_state, params, fold_in(key, "template"), 1)
-        g = backend_of(params[0]["W"]).zeros((1,), dtype=params[0]["W"].dtype)
-        template = self.sampler.project(directions, g)
+        template = self.sampler.zero_coordinates(params, self.perturber.num_queries)
         return SDZEState(0, fold_in(key, "steps"), sampler_state, self.optimizer.init(template))
 
     def step_keys(self, state: SDZEState) -> tuple[Key, Key]:

@@ -186,6 +186,10 @@ class Sampler(ABC):
         """
 
     @abstractmethod
+    def zero_coordinates(self, params, num_queries: int) -> list:
+        """Zeros shaped like :meth:`project`'s result (an optimizer's template)."""
+
+    @abstractmethod
     def project(self, directions, g) -> list:
         """The gradient estimate (1/q) Σ_i g_i z_i in the sampler's coordinates."""
 
@@ -503,6 +507,17 @@ class LowRankSubspace(Sampler):
             )
         return PerturbedLinear(layers, int(index.shape[0]))
 
+    def zero_coordinates(self, params, num_queries: int) -> list:
+        """Per layer {"W": r_l × r_l zeros, "b": m zeros}."""
+        backend = backend_of(params[0]["W"])
+        return [
+            {
+                "W": backend.zeros((self.layer_rank(p["W"].shape),) * 2, dtype=p["W"].dtype),
+                "b": backend.zeros(tuple(p["b"].shape), dtype=p["b"].dtype),
+            }
+            for p in params
+        ]
+
     def project(self, directions: LowRankDirections, g) -> list:
         """Per layer {"W": (c / q) Σ_i g_i S_i (r × r), "b": (1/q) Σ_i g_i z_b,i}.
 
@@ -636,6 +651,17 @@ class FullGaussian(Sampler):
                 )
             )
         return PerturbedLinear(layers, int(index.shape[0]))
+
+    def zero_coordinates(self, params, num_queries: int) -> list:
+        """Per layer {"W": q zeros (one weight per regenerated Z_i), "b": m zeros}."""
+        backend = backend_of(params[0]["W"])
+        return [
+            {
+                "W": backend.zeros((num_queries,), dtype=p["W"].dtype),
+                "b": backend.zeros(tuple(p["b"].shape), dtype=p["b"].dtype),
+            }
+            for p in params
+        ]
 
     def project(self, directions: FullGaussianDirections, g) -> list:
         """Per layer {"W": g / q (the weights of the q regenerated Z_i), "b": (1/q) Σ g_i z_b,i}."""
