@@ -22,19 +22,22 @@ __all__ = ["SpatialSample", "ResidualLoss"]
 
 
 class SpatialSample(NamedTuple):
-    """ξ: the collocation points x (B, d) and the oracle's draws (one, or two for
-    the unbiased loss)."""
+    """ξ: the collocation points x (B, d), the oracle's draws (one, or two for
+    the unbiased loss) and the forcing f(x) (B,) when the loss has one."""
 
     x: Any
     oracle: tuple
+    forcing: Any = None
 
 
 @dataclass(frozen=True)
 class ResidualLoss:
     """ℓ(θ; ξ) = (1/B) Σ_b r̂_b², the mean squared PDE residual (SPEC section 3).
 
-    For an equation L u = F(u, x), r̂ = L̂u − F(u, x) with L̂ the oracle's
-    estimate. With ``unbiased=True`` the loss is (1/B) Σ_b r̂_{1,b} r̂_{2,b},
+    For an equation L u = F(u, x) + f(x), r̂ = L̂u − F(u, x) − f(x) with L̂ the
+    oracle's estimate. The forcing f is evaluated once per ξ, when the points
+    are drawn (:meth:`sample`), not at each of the 2q perturbed evaluations
+    that share them. With ``unbiased=True`` the loss is (1/B) Σ_b r̂_{1,b} r̂_{2,b},
     two independent oracle draws, whose mean is the exact squared residual.
 
     Parameters
@@ -50,6 +53,8 @@ class ResidualLoss:
         ``points(key)`` -> collocation points x of shape (B, d), drawn from the key only.
     unbiased : bool
         Use the product of two independent residual estimates.
+    forcing : callable, optional
+        ``forcing(x)`` -> f(x), shape (B,), a function of the points only.
     """
 
     model: Any
@@ -57,6 +62,7 @@ class ResidualLoss:
     rhs: Callable[[Any, Any], Any]
     points: Callable[[Key], Any]
     unbiased: bool = False
+    forcing: Callable[[Any], Any] | None = None
 
     def sample(self, key: Key) -> SpatialSample:
         """ξ from ``key``: points from ``fold_in(key, "points")``, the oracle's draws
@@ -67,14 +73,16 @@ class ResidualLoss:
             draws = tuple(self.oracle.sample(fold_in(oracle_key, i), x) for i in (0, 1))
         else:
             draws = (self.oracle.sample(oracle_key, x),)
-        return SpatialSample(x, draws)
+        f = None if self.forcing is None else self.forcing(x)
+        return SpatialSample(x, draws, f)
 
     def residuals(self, params, xi: SpatialSample, linear=None) -> tuple:
         """The residual estimates r̂ (one or two), each of shape (B,) or (Q, B)."""
         out = []
         for draw in xi.oracle:
             estimate = self.oracle.estimate(self.model, params, xi.x, draw, linear=linear)
-            out.append(estimate.value - self.rhs(estimate.u, xi.x))
+            r = estimate.value - self.rhs(estimate.u, xi.x)
+            out.append(r if xi.forcing is None else r - xi.forcing)
         return tuple(out)
 
     def __call__(self, params, xi: SpatialSample, linear=None):
