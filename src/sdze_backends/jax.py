@@ -8,6 +8,7 @@ Asking for ``dtype="float64"`` turns on ``jax_enable_x64`` (JAX computes in
 from __future__ import annotations
 
 import sys
+from functools import lru_cache
 
 from sdze_core.backend import Backend, host_peak_rss
 
@@ -113,6 +114,21 @@ class JaxBackend(Backend):
 
         return jax.jit(fn, **options)
 
+    def value_and_grad(self, fn):
+        """``jax.value_and_grad`` with respect to the first argument, under ``jax.jit``.
+
+        The compiled function is cached per ``fn`` (when hashable, e.g. a
+        :class:`~sdze_core.objectives.ResidualLoss`), so a training loop that
+        asks for it every step traces once per input shape. As always with
+        ``jax.jit``, Python state that ``fn`` reads is frozen at trace time.
+        A ``fn`` that branches in Python on array values (which cannot be
+        traced) runs without ``jit``, every call.
+        """
+        try:
+            return _value_and_grad(fn)
+        except TypeError:  # an unhashable fn: compile for this call only
+            return _value_and_grad.__wrapped__(fn)
+
     def synchronize(self, *arrays) -> None:
         import jax
 
@@ -132,3 +148,26 @@ class JaxBackend(Backend):
         if stats is None:
             return host_peak_rss()
         return int(stats.get("peak_bytes_in_use", 0))
+
+
+@lru_cache(maxsize=32)
+def _value_and_grad(fn):
+    import jax
+
+    eager = jax.value_and_grad(fn)
+    compiled = jax.jit(eager)
+    state = {"jit": True}
+
+    def value_and_grad(params, *args):
+        if state["jit"]:
+            try:
+                return compiled(params, *args)
+            except (
+                jax.errors.ConcretizationTypeError,
+                jax.errors.TracerArrayConversionError,
+                jax.errors.TracerIntegerConversionError,
+            ):
+                state["jit"] = False  # Python control flow on values: run eagerly
+        return eager(params, *args)
+
+    return value_and_grad

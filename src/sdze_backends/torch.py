@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from sdze_core.backend import Backend, host_peak_rss, reset_host_peak_rss
+from sdze_core.backend import Backend, host_peak_rss, reset_host_peak_rss, tree_flatten
 
 
 class TorchBackend(Backend):
@@ -79,6 +79,33 @@ class TorchBackend(Backend):
         import torch
 
         return torch.compile(fn, **options)
+
+    def value_and_grad(self, fn):
+        """Reverse mode by ``torch.autograd.grad`` on detached views of the leaves.
+
+        The leaves are ``detach()``-ed views with ``requires_grad`` (the
+        caller's tensors are left as they were: no grad tracking, no ``.grad``),
+        so the graph lives only inside the call. Leaves ``fn`` does not use get
+        zero gradients.
+        """
+        import torch
+
+        def value_and_grad(params, *args):
+            leaves, rebuild = tree_flatten(params)
+            with torch.enable_grad():
+                tracked = [leaf.detach().requires_grad_(True) for leaf in leaves]
+                value = fn(rebuild(tracked), *args)
+                if value.requires_grad:
+                    grads = torch.autograd.grad(value, tracked, allow_unused=True)
+                else:  # fn does not depend on the parameters
+                    grads = [None] * len(tracked)
+            grads = [
+                torch.zeros_like(leaf) if g is None else g
+                for leaf, g in zip(leaves, grads, strict=True)
+            ]
+            return value.detach(), rebuild(grads)
+
+        return value_and_grad
 
     def _cuda(self) -> bool:
         return self.device.type == "cuda"

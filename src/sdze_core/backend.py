@@ -7,6 +7,7 @@ A :class:`Backend` bundles what the array API standard leaves to the library:
 * keyed random draws (:mod:`sdze_core.random`: portable Threefry bits,
   optionally a native generator as a fast path),
 * ``qr`` for orthonormal bases, a ``jit`` hook, ``synchronize()``,
+* ``value_and_grad`` for the first-order baseline (autodiff backends only),
 * ``peak_memory()`` for benchmarks.
 
 Concrete backends live in :mod:`sdze_backends`, one module each; their
@@ -24,9 +25,13 @@ from typing import Any, ClassVar
 from . import random as _random
 from .keys import Key
 
-__all__ = ["Backend", "host_peak_rss", "reset_host_peak_rss"]
+__all__ = ["Backend", "AutodiffNotAvailableError", "host_peak_rss", "reset_host_peak_rss"]
 
 FLOAT_DTYPES = ("float32", "float64")
+
+
+class AutodiffNotAvailableError(TypeError):
+    """The backend's library has no automatic differentiation (NumPy, CuPy, ...)."""
 
 
 class Backend(ABC):
@@ -144,6 +149,24 @@ class Backend(ABC):
         """Compile ``fn`` if the backend can; identity otherwise."""
         return fn
 
+    def value_and_grad(self, fn: Callable) -> Callable:
+        """``g(params, *args) -> (fn(params, *args), ∇_params fn(params, *args))``.
+
+        ``fn`` returns a scalar (shape ()) array; ``params`` is a tree of
+        lists, tuples and dicts of arrays (a model's parameters), and the
+        gradient has the same structure. ``args`` are passed through and not
+        differentiated. The value and the gradient carry no autodiff state.
+
+        Raises
+        ------
+        AutodiffNotAvailableError
+            On a backend without automatic differentiation (the default).
+        """
+        raise AutodiffNotAvailableError(
+            f"backend {self.name!r} has no automatic differentiation; the first-order "
+            "method needs torch or jax (use --method sdze, which needs only forward passes)"
+        )
+
     def synchronize(self, *arrays) -> None:
         """Wait until queued device work (and ``arrays``) is done, for timings.
 
@@ -227,6 +250,32 @@ class Backend(ABC):
 
     def __hash__(self) -> int:
         return hash((type(self), str(self.device), str(self.dtype), self.rng))
+
+
+def tree_flatten(tree) -> tuple[list, Callable[[list], Any]]:
+    """The array leaves of a tree of lists, tuples and dicts, and the inverse map
+    ``leaves -> tree`` (same structure; ``None`` is an empty subtree)."""
+    leaves: list = []
+
+    def build(node):
+        if node is None:
+            return lambda it: None
+        if isinstance(node, dict):
+            parts = {name: build(child) for name, child in node.items()}
+            return lambda it: {name: part(it) for name, part in parts.items()}
+        if isinstance(node, (list, tuple)):
+            parts = [build(child) for child in node]
+            if isinstance(node, list):
+                return lambda it: [part(it) for part in parts]
+            kind = type(node)
+            if hasattr(node, "_fields"):  # a NamedTuple
+                return lambda it: kind(*(part(it) for part in parts))
+            return lambda it: kind(part(it) for part in parts)
+        leaves.append(node)
+        return next
+
+    rebuild = build(tree)
+    return leaves, lambda new_leaves: rebuild(iter(new_leaves))
 
 
 def host_peak_rss() -> int:
