@@ -19,6 +19,7 @@ from sdze_core.keys import Key, as_key, fold_in, key, split
 from sdze_core.objectives import ResidualLoss
 from sdze_core.optimizers import constant, cosine_decay, linear_decay, zo_adam, zo_sgd
 from sdze_core.perturbers import CRNSPerturber, NonFiniteLossError
+from sdze_core.problems import PROBLEMS, Problem, make_problem
 from sdze_core.registry import (
     BackendNotAvailableError,
     UnknownBackendError,
@@ -33,6 +34,8 @@ from sdze_core.samplers import FullGaussian, LowRankSubspace
 
 from . import random
 from ._version import __version__
+from .checkpoint import load_checkpoint, save_checkpoint
+from .solver import SolverConfig, SolveResult, evaluate_checkpoint, solve
 
 _register_builtin_backends()
 
@@ -45,9 +48,13 @@ __all__ = [
     "Key",
     "LowRankSubspace",
     "NonFiniteLossError",
+    "PROBLEMS",
+    "Problem",
     "ResidualLoss",
     "SDZE",
     "SDZEState",
+    "SolveResult",
+    "SolverConfig",
     "StepInfo",
     "UnknownBackendError",
     "as_key",
@@ -55,13 +62,18 @@ __all__ = [
     "backend_of",
     "constant",
     "cosine_decay",
+    "evaluate_checkpoint",
     "fold_in",
     "get_backend",
     "key",
     "known_backends",
     "linear_decay",
+    "load_checkpoint",
+    "make_problem",
     "random",
     "register_backend",
+    "save_checkpoint",
+    "solve",
     "split",
     "use",
     "zo_adam",

@@ -1,21 +1,40 @@
 """The ``sdze`` command line.
 
-``sdze list`` shows the backends registered here and whether each can run
-(with the reason when it cannot); ``sdze version`` prints the version.
+* ``sdze solve PROBLEM --dim D [options]`` trains a PINN for a benchmark
+  problem (see :func:`sdze.solve`) with a progress bar, and writes
+  ``metrics.json``, ``checkpoint.npz``, ``loss.png`` and ``error.png``;
+* ``sdze eval CHECKPOINT`` evaluates a saved network against the exact solution;
+* ``sdze list`` shows the problems, operators and backends available here;
+* ``sdze version`` prints the version.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 import sdze
 
 
 def _list(args) -> int:
+    from sdze_core import oracles
+    from sdze_core.problems import EQUATIONS, PROBLEMS
+
+    print("problems (sdze solve NAME --dim D):")
+    for name, (equation, solution) in PROBLEMS.items():
+        eq = EQUATIONS[equation]
+        operator = "Δ²" if eq.order == 4 else "Δ"
+        print(f"  {name:<24} {operator}u ... on the {eq.boundary}, {solution} solution")
+    print("operators (jet oracles, sdze_core.oracles):")
+    for name in oracles.__all__:
+        obj = getattr(oracles, name)
+        if isinstance(obj, type) and issubclass(obj, oracles.Oracle) and obj is not oracles.Oracle:
+            doc = (obj.__doc__ or "").strip().splitlines()[0]
+            print(f"  {name:<24} {doc}")
     status = sdze.available_backends()
     width = max(map(len, status))
-    print("backends (sdze.use(NAME); SDZE_BACKEND sets the default):")
+    print("backends (--backend NAME; sdze.use(NAME); SDZE_BACKEND sets the default):")
     for name, reason in status.items():
         mark = "ok " if reason == "ok" else "-- "
         print(f"  {mark}{name:<{width}}  {'' if reason == 'ok' else reason}".rstrip())
@@ -28,17 +47,107 @@ def _version(args) -> int:
     return 0
 
 
+def _solve(args) -> int:
+    from .solver import SolverConfig
+
+    settings = {}
+    for field in SolverConfig.__dataclass_fields__:
+        value = getattr(args, field, None)
+        if value is not None and field not in ("problem", "dim"):
+            settings[field] = value
+    result = sdze.solve(
+        args.problem, args.dim, out=args.out or "auto", resume=args.resume, quiet=args.quiet,
+        plots=not args.no_plots, **settings,
+    )
+    m = result.metrics
+    print(
+        f"{result.status}: step {m['final']['step']}, relative L2 error {result.rel_l2:.3e}, "
+        f"relative L∞ error {result.rel_linf:.3e}, {m['it_per_s']:.1f} it/s, "
+        f"peak memory {m['peak_memory_bytes'] / 2**20:.0f} MiB"
+    )
+    if result.out is not None:
+        print(f"wrote {result.out}/metrics.json, checkpoint.npz, loss.png, error.png")
+    return 0 if result.status == "completed" else 2
+
+
+def _eval(args) -> int:
+    from .solver import evaluate_checkpoint
+
+    report = evaluate_checkpoint(args.checkpoint, backend=args.backend,
+                                 test_points=args.test_points)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def _add_solve(commands) -> None:
+    from sdze_core.problems import PROBLEMS
+
+    from .solver import ESTIMATORS, METHODS, SCHEDULES
+
+    p = commands.add_parser(
+        "solve",
+        help="train a PINN for a benchmark problem",
+        description="Train a PINN for a benchmark PDE and report its error against the exact "
+        "solution. Writes metrics.json, checkpoint.npz, loss.png and error.png into --out.",
+    )
+    p.add_argument("problem", nargs="?", choices=list(PROBLEMS), metavar="PROBLEM",
+                   help=f"one of: {', '.join(PROBLEMS)} (optional with --resume)")
+    p.add_argument("--dim", type=int, help="the dimension d")
+    p.add_argument("--backend", help="numpy, torch, jax, cupy, ... (default: SDZE_BACKEND, numpy)")
+    p.add_argument("--device", help="the backend's device, e.g. cuda:0")
+    p.add_argument("--dtype", choices=("float32", "float64"))
+    p.add_argument("--steps", type=int, help="training steps (default: per method)")
+    p.add_argument("--method", choices=METHODS, help="default sdze")
+    p.add_argument("--seed", type=int, help="seed of the problem, the network and the run")
+    p.add_argument("--out", help="output folder (default sdze-runs/PROBLEM-dD-METHOD)")
+    p.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint")
+    p.add_argument("--quiet", action="store_true", help="log lines instead of a progress bar")
+    p.add_argument("--no-plots", action="store_true", help="do not write loss.png, error.png")
+    g = p.add_argument_group("model, estimator and optimizer")
+    g.add_argument("--width", type=int)
+    g.add_argument("--depth", type=int)
+    g.add_argument("--batch-size", type=int, help="collocation points per step (default 100)")
+    g.add_argument("--num-directions", type=int, help="sampled dimensions V (default 16)")
+    g.add_argument("--unbiased", action="store_true", default=None,
+                   help="unbiased residual loss r̂₁ r̂₂")
+    g.add_argument("--learning-rate", type=float)
+    g.add_argument("--schedule", choices=SCHEDULES)
+    g.add_argument("--num-queries", type=int, help="SDZE: perturbations per step q")
+    g.add_argument("--eps", type=float, help="SDZE: finite-difference step ε")
+    g.add_argument("--estimator", choices=ESTIMATORS, help="SDZE: central difference or forward")
+    g.add_argument("--rank", type=int, help="SDZE: subspace rank r")
+    g.add_argument("--refresh-every", type=int, help="SDZE: basis refresh period T")
+    g.add_argument("--eval-every", type=int)
+    g.add_argument("--test-points", type=int)
+    g.add_argument("--checkpoint-every", type=int)
+    p.set_defaults(run=_solve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdze", description=sdze.__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("list", help="backends available here").set_defaults(run=_list)
+    _add_solve(commands)
+    e = commands.add_parser("eval", help="evaluate a checkpoint against the exact solution")
+    e.add_argument("checkpoint")
+    e.add_argument("--backend", help="backend to evaluate on (default: the current default)")
+    e.add_argument("--test-points", type=int)
+    e.set_defaults(run=_eval)
+    commands.add_parser("list", help="problems, operators and backends").set_defaults(run=_list)
     commands.add_parser("version", help="print the version").set_defaults(run=_version)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.run(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "solve" and args.resume is None and (args.problem is None or
+                                                           args.dim is None):
+        parser.error("solve needs PROBLEM and --dim (or --resume CKPT)")
+    try:
+        return args.run(args)
+    except (ValueError, TypeError) as error:
+        print(f"sdze {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

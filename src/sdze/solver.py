@@ -1,0 +1,491 @@
+"""Solve a benchmark PDE: ``sdze.solve(...)`` and the ``sdze solve`` command behind it.
+
+A run is described completely by a :class:`SolverConfig` (JSON-able): the
+problem, the network, the method and its settings, the backend. From it
+:func:`build` makes the problem, model, loss and method, so a checkpoint
+(which stores the config) can be resumed or evaluated anywhere. A run
+writes into its output folder
+
+* ``checkpoint.npz`` — parameters, the method's state, the problem's
+  coefficients and the config (see :mod:`sdze.checkpoint`), atomically,
+  every ``checkpoint_every`` steps and at the end;
+* ``metrics.json`` — the config, one record per evaluation (step, mean
+  training loss, relative L2 and L∞ errors, wall time), wall time, it/s,
+  peak memory, the final errors and the status;
+* ``loss.png``, ``error.png`` — the loss and the errors against the step.
+
+Methods (SPEC sections 4, 5 and 7):
+
+* ``sdze``: CRNS zeroth-order estimates with low-rank subspace
+  perturbations and ZO-Adam in subspace coordinates (forward passes only);
+* ``sdze-naive``: the same without common random numbers (the ablation);
+* ``first-order``: the same model, oracle and collocation points, gradients
+  by the backend's autodiff (torch, jax) and Adam: STDE's setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from sdze_core.engine import SDZE
+from sdze_core.keys import fold_in, key
+from sdze_core.objectives import ResidualLoss
+from sdze_core.optimizers import constant, cosine_decay, linear_decay, zo_adam
+from sdze_core.perturbers import CRNSPerturber
+from sdze_core.problems import PROBLEMS, default_test_points, make_problem
+from sdze_core.registry import get_backend, make_backend
+from sdze_core.samplers import LowRankSubspace
+from sdze_core.training import Divergence, TestSet, TrainState, train
+
+from ._version import __version__
+from .checkpoint import load_checkpoint, read_config, save_checkpoint
+
+__all__ = ["METHODS", "SolverConfig", "SolveResult", "build", "solve", "evaluate_checkpoint"]
+
+#: ``--method`` choices.
+METHODS = ("sdze", "sdze-naive", "first-order")
+SCHEDULES = ("constant", "linear", "cosine")
+ESTIMATORS = ("central", "forward")
+
+
+@dataclass
+class SolverConfig:
+    """Everything that defines a run (stored in its checkpoint and metrics).
+
+    ``None`` fields take the defaults of :meth:`resolved`.
+    """
+
+    problem: str
+    dim: int
+    method: str = "sdze"
+    backend: str | None = None
+    device: str | None = None
+    dtype: str = "float32"
+    seed: int = 0
+    steps: int | None = None
+    # the model and the spatial estimator (STDE's settings)
+    width: int = 128
+    depth: int = 4
+    activation: str = "tanh"
+    batch_size: int = 100
+    num_directions: int = 16
+    unbiased: bool = False
+    # the optimizer
+    learning_rate: float | None = None
+    schedule: str = "linear"
+    # SDZE only
+    num_queries: int = 4
+    eps: float | None = None
+    estimator: str = "central"
+    rank: int = 8
+    refresh_every: int = 100
+    # evaluation and checkpoints
+    eval_every: int | None = None
+    test_points: int | None = None
+    checkpoint_every: int | None = None
+    blowup: float = 1e4
+
+    def resolved(self) -> SolverConfig:
+        """A copy with every default filled in and every field checked."""
+        c = dataclasses.replace(self)
+        if c.problem not in PROBLEMS:
+            raise ValueError(f"unknown problem {c.problem!r}; known: {', '.join(PROBLEMS)}")
+        if c.method not in METHODS:
+            raise ValueError(f"unknown method {c.method!r}; known: {', '.join(METHODS)}")
+        if c.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {c.schedule!r}")
+        if c.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {c.estimator!r}")
+        for name in ("dim", "width", "depth", "batch_size", "num_directions", "num_queries",
+                     "rank", "refresh_every"):
+            value = getattr(c, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        c.backend = c.backend or get_backend().name
+        if c.steps is None:
+            c.steps = DEFAULT_STEPS[c.method]
+        if c.learning_rate is None:
+            c.learning_rate = DEFAULT_LEARNING_RATE[c.method]
+        if c.eval_every is None:
+            c.eval_every = max(1, c.steps // 20)
+        if c.test_points is None:
+            c.test_points = default_test_points(c.dim)
+        if c.checkpoint_every is None:
+            c.checkpoint_every = c.eval_every
+        return c
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> SolverConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown solver settings: {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+
+#: Defaults per method (see docs/tutorial.md for how they were chosen).
+DEFAULT_STEPS = {"sdze": 5000, "sdze-naive": 5000, "first-order": 2000}
+DEFAULT_LEARNING_RATE = {"sdze": 3e-3, "sdze-naive": 3e-3, "first-order": 1e-3}
+
+
+def _schedule(config: SolverConfig):
+    lr, steps = config.learning_rate, config.steps
+    if config.schedule == "constant":
+        return constant(lr)
+    if config.schedule == "cosine":
+        return cosine_decay(lr, steps)
+    return linear_decay(lr, steps)
+
+
+@dataclass
+class Run:
+    """What :func:`build` makes from a config."""
+
+    config: SolverConfig
+    backend: Any
+    problem: Any
+    model: Any
+    loss: ResidualLoss
+    method: Any
+    test: TestSet
+
+
+def build(config: SolverConfig, backend=None) -> Run:
+    """Problem, model, loss, method and test set of a (resolved) config."""
+    config = config.resolved()
+    if backend is None:
+        backend = make_backend(config.backend, device=config.device, dtype=config.dtype)
+    problem = make_problem(config.problem, config.dim, seed=config.seed, backend=backend)
+    model = problem.model(config.width, config.depth, config.activation)
+    loss = ResidualLoss(
+        model,
+        problem.oracle(config.num_directions),
+        problem.reaction,
+        lambda k: problem.sample_domain(k, config.batch_size),
+        unbiased=config.unbiased,
+        forcing=problem.forcing,
+    )
+    if config.method == "first-order":
+        from sdze_core.first_order import FirstOrderAdam
+
+        method = FirstOrderAdam(_schedule(config))
+    else:
+        perturber = CRNSPerturber(
+            eps=config.eps,
+            num_queries=config.num_queries,
+            crns=config.method == "sdze",
+            estimator=config.estimator,
+        )
+        sampler = LowRankSubspace(rank=config.rank, refresh_every=config.refresh_every)
+        method = SDZE(perturber, sampler, zo_adam(_schedule(config)))
+    test = TestSet(problem, config.test_points, fold_in(key(config.seed), "test"))
+    return Run(config, backend, problem, model, loss, method, test)
+
+
+def _model_config(run: Run) -> dict:
+    net = run.model.network
+    return {"sizes": list(net.sizes), "activation": net.activation, "boundary": run.model.boundary}
+
+
+def _checkpoint_config(run: Run) -> dict:
+    return {
+        "solver": run.config.to_json(),
+        "problem": run.config.problem,
+        "dim": run.config.dim,
+        "model": _model_config(run),
+    }
+
+
+@dataclass
+class SolveResult:
+    """What :func:`solve` returns.
+
+    Attributes
+    ----------
+    params : list of dict
+        The trained parameters (pending low-rank updates merged in; on a
+        loss blow-up, the last checkpoint's).
+    rel_l2, rel_linf : float
+        Final relative errors on the test points.
+    history : list of dict
+        One record per evaluation (step, loss, rel_l2, rel_linf, time).
+    metrics : dict
+        What ``metrics.json`` holds.
+    status : str
+        ``"completed"`` or ``"diverged: <reason>"``.
+    out : pathlib.Path or None
+        The output folder.
+    """
+
+    params: Any
+    rel_l2: float
+    rel_linf: float
+    history: list
+    metrics: dict
+    status: str
+    out: pathlib.Path | None
+    run: Run
+
+    @property
+    def checkpoint(self) -> pathlib.Path | None:
+        return None if self.out is None else self.out / "checkpoint.npz"
+
+
+def _versions(backend) -> dict:
+    versions = {"sdze": __version__, "python": platform.python_version()}
+    module = sys.modules.get(type(backend).__module__)
+    library = getattr(module, "LIBRARY", None) or backend.name
+    lib = sys.modules.get(library)
+    if lib is not None and hasattr(lib, "__version__"):
+        versions[library] = lib.__version__
+    return versions
+
+
+class _Progress:
+    """A tqdm bar with loss, error and it/s, or log lines with ``quiet``."""
+
+    def __init__(self, total: int, initial: int, quiet: bool, label: str):
+        self.quiet = quiet
+        self.bar = None
+        self.label = label
+        self.postfix: dict[str, str] = {}
+        if not quiet:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=label, unit="it", dynamic_ncols=True)
+
+    def step(self, t: int, loss: float) -> None:
+        if self.bar is not None:
+            self.postfix["loss"] = f"{loss:.3e}"
+            self.bar.set_postfix(self.postfix, refresh=False)
+            self.bar.update(1)
+
+    def eval(self, record: dict) -> None:
+        if "rel_l2" in record:
+            self.postfix["rel_l2"] = f"{record['rel_l2']:.3e}"
+        if self.bar is None:
+            errors = "".join(
+                f"  {k} {record[k]:.3e}" for k in ("rel_l2", "rel_linf") if k in record
+            )
+            print(
+                f"{self.label} step {record['step']}  loss {record['loss']:.3e}{errors}"
+                f"  {record['time']:.1f} s",
+                flush=True,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _plot(out: pathlib.Path, history: list, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in history]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.semilogy(steps, [r["loss"] for r in history], marker=".")
+    ax.set(xlabel="step", ylabel="mean training loss", title=title)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "loss.png", dpi=120)
+    plt.close(fig)
+    if history and "rel_l2" in history[0]:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.semilogy(steps, [r["rel_l2"] for r in history], marker=".", label="relative L2")
+        ax.semilogy(steps, [r["rel_linf"] for r in history], marker=".", label="relative L∞")
+        ax.set(xlabel="step", ylabel="error on the test points", title=title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "error.png", dpi=120)
+        plt.close(fig)
+
+
+def _write_json(path: pathlib.Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, allow_nan=True))
+    os.replace(tmp, path)
+
+
+def default_out(config: SolverConfig) -> pathlib.Path:
+    return pathlib.Path("sdze-runs") / f"{config.problem}-d{config.dim}-{config.method}"
+
+
+def solve(
+    problem: str | None = None,
+    dim: int | None = None,
+    *,
+    out: str | os.PathLike | None = "auto",
+    resume: str | os.PathLike | None = None,
+    quiet: bool = False,
+    plots: bool = True,
+    **settings,
+) -> SolveResult:
+    """Train a PINN for a benchmark problem and report its error.
+
+    Parameters
+    ----------
+    problem : str
+        A name of :data:`sdze_core.problems.PROBLEMS`, e.g. ``"allen-cahn-two-body"``.
+    dim : int
+        The dimension d.
+    out : path, "auto" or None
+        Output folder (``"auto"``: ``sdze-runs/<problem>-d<dim>-<method>``;
+        ``None``: write nothing).
+    resume : path, optional
+        A checkpoint to continue from: its config is used (``problem`` and
+        ``dim``, if given, must match; ``steps`` may be raised). The
+        trajectory is the one the uninterrupted run would have taken.
+    quiet : bool
+        Log lines at each evaluation instead of a progress bar.
+    plots : bool
+        Write ``loss.png`` and ``error.png``.
+    **settings
+        Any field of :class:`SolverConfig` (``method``, ``backend``,
+        ``steps``, ``seed``, ``learning_rate``, ``num_queries``, ...).
+
+    Returns
+    -------
+    SolveResult
+    """
+    checkpoint_state = None
+    if resume is not None:
+        saved = read_config(resume)["config"]
+        config = SolverConfig.from_json(saved["solver"])
+        requested = {"problem": problem, "dim": dim} | settings
+        fixed = {k: v for k, v in requested.items() if k not in ("steps", "backend", "device")}
+        wrong = {k: (getattr(config, k), v) for k, v in fixed.items()
+                 if v is not None and getattr(config, k) != v}
+        if wrong:
+            details = "; ".join(f"{k}: checkpoint has {a!r}, requested {b!r}"
+                                for k, (a, b) in wrong.items())
+            raise ValueError(f"cannot resume {resume}: {details}")
+        for k in ("steps", "backend", "device"):
+            if settings.get(k) is not None:
+                setattr(config, k, settings[k])
+        run = build(config)
+        checkpoint_state = load_checkpoint(
+            resume, run.backend, expect={"problem": config.problem, "dim": config.dim,
+                                         "model.sizes": _model_config(run)["sizes"]}
+        )
+    else:
+        if problem is None or dim is None:
+            raise TypeError("solve() needs a problem and a dimension (or resume=CHECKPOINT)")
+        run = build(SolverConfig(problem, dim, **settings))
+    config = run.config
+    if out == "auto":
+        out = default_out(config)
+    out = None if out is None else pathlib.Path(out)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+
+    if checkpoint_state is None:
+        params = run.model.init(fold_in(key(config.seed), "params"), run.backend)
+        state = TrainState(run.method.init(key(config.seed), params))
+    else:
+        params = checkpoint_state.params
+        records = checkpoint_state.extra["train"]
+        state = TrainState(checkpoint_state.state, **records)
+
+    def save(params, state: TrainState) -> None:
+        if out is not None:
+            save_checkpoint(
+                out / "checkpoint.npz",
+                params=params,
+                state=state.method,
+                config=_checkpoint_config(run),
+                extra={"train": state.record_dict(),
+                       "coefficients": run.backend.to_host(run.problem.coefficients).tolist()
+                       if config.dim <= 100_000 else "regenerated from the seed"},
+            )
+
+    label = f"{config.problem} d={config.dim} {config.method}"
+    progress = _Progress(config.steps, state.step, quiet, label)
+    first_step = state.step
+    run.backend.reset_peak_memory()
+    start = time.perf_counter()
+    try:
+        result = train(
+            run.method, run.loss, params, state, config.steps,
+            model=run.model, test=run.test, eval_every=config.eval_every,
+            checkpoint_every=config.checkpoint_every, blowup=config.blowup,
+            on_step=progress.step, on_eval=progress.eval, on_checkpoint=save,
+        )
+    finally:
+        progress.close()
+    wall = time.perf_counter() - start
+    params, state = result.params, result.state
+    divergence: Divergence | None = result.divergence
+    status = "completed" if divergence is None else f"diverged: {divergence.reason}"
+    if divergence is not None:
+        print(divergence.message, file=sys.stderr)
+        if divergence.reason == "non-finite loss":
+            save(params, state)  # the last good state
+        elif out is not None and (out / "checkpoint.npz").exists():
+            saved = load_checkpoint(out / "checkpoint.npz", run.backend)
+            params = saved.params
+            state = TrainState(saved.state, **saved.extra["train"])
+    _, params = run.method.merge(params, state.method)
+    final = run.test.errors(run.model, params)
+    done = state.step - first_step
+    metrics = {
+        "config": config.to_json(),
+        "status": status,
+        "divergence": None if divergence is None else dataclasses.asdict(divergence),
+        "history": state.history,
+        "final": {"step": state.step, **final},
+        "rel_l2": final["rel_l2"],
+        "rel_linf": final["rel_linf"],
+        "wall_time": state.elapsed,
+        "wall_time_this_run": wall,
+        "steps_this_run": done,
+        "it_per_s": done / wall if wall > 0 and done else math.nan,
+        "peak_memory_bytes": run.backend.peak_memory(),
+        "backend": repr(run.backend),
+        "versions": _versions(run.backend),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+    }
+    if out is not None:
+        _write_json(out / "metrics.json", metrics)
+        if plots and state.history:
+            _plot(out, state.history, label)
+    return SolveResult(params, final["rel_l2"], final["rel_linf"], state.history, metrics,
+                       status, out, run)
+
+
+def evaluate_checkpoint(path, backend=None, test_points: int | None = None) -> dict:
+    """Relative errors of a checkpoint's network against the exact solution.
+
+    The problem is rebuilt from the stored config (same seed, same
+    coefficients, same test points unless ``test_points`` is given), on
+    ``backend`` (default: the current one, whatever the run was trained on).
+    """
+    config = SolverConfig.from_json(read_config(path)["config"]["solver"])
+    if backend is not None:
+        config.backend = backend if isinstance(backend, str) else backend.name
+    else:
+        config.backend = get_backend().name
+    config.device = None
+    if test_points is not None:
+        config.test_points = test_points
+    run = build(config)
+    saved = load_checkpoint(path, run.backend)
+    _, params = run.method.merge(saved.params, saved.state)
+    errors = run.test.errors(run.model, params)
+    return {"checkpoint": str(path), "step": saved.state.step, "backend": run.backend.name,
+            "test_points": run.config.test_points, **errors}
