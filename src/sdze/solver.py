@@ -31,6 +31,7 @@ import math
 import os
 import pathlib
 import platform
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -136,8 +137,8 @@ class SolverConfig:
 
 
 #: Defaults per method (see docs/tutorial.md for how they were chosen).
-DEFAULT_STEPS = {"sdze": 5000, "sdze-naive": 5000, "first-order": 2000}
-DEFAULT_LEARNING_RATE = {"sdze": 3e-3, "sdze-naive": 3e-3, "first-order": 1e-3}
+DEFAULT_STEPS = {"sdze": 2000, "sdze-naive": 2000, "first-order": 2000}
+DEFAULT_LEARNING_RATE = {"sdze": 3e-2, "sdze-naive": 3e-2, "first-order": 1e-3}
 
 
 def _schedule(config: SolverConfig):
@@ -261,18 +262,24 @@ class _Progress:
         self.bar = None
         self.label = label
         self.postfix: dict[str, str] = {}
+        self.step_times: list[float] = []  # between consecutive steps (evaluations included)
+        self.last = time.perf_counter()
         if not quiet:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, initial=initial, desc=label, unit="it", dynamic_ncols=True)
 
     def step(self, t: int, loss: float) -> None:
+        now = time.perf_counter()
+        self.step_times.append(now - self.last)
+        self.last = now
         if self.bar is not None:
             self.postfix["loss"] = f"{loss:.3e}"
             self.bar.set_postfix(self.postfix, refresh=False)
             self.bar.update(1)
 
     def eval(self, record: dict) -> None:
+        self.last = time.perf_counter()  # evaluation and checkpoint time is not a step's
         if "rel_l2" in record:
             self.postfix["rel_l2"] = f"{record['rel_l2']:.3e}"
         if self.bar is None:
@@ -413,6 +420,7 @@ def solve(
                        "coefficients": run.backend.to_host(run.problem.coefficients).tolist()
                        if config.dim <= 100_000 else "regenerated from the seed"},
             )
+            progress.last = time.perf_counter()  # the write is not part of the next step
 
     label = f"{config.problem} d={config.dim} {config.method}"
     progress = _Progress(config.steps, state.step, quiet, label)
@@ -455,6 +463,7 @@ def solve(
         "wall_time_this_run": wall,
         "steps_this_run": done,
         "it_per_s": done / wall if wall > 0 and done else math.nan,
+        "median_step_s": statistics.median(progress.step_times) if progress.step_times else None,
         "peak_memory_bytes": run.backend.peak_memory(),
         "backend": repr(run.backend),
         "versions": _versions(run.backend),
