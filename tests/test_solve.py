@@ -179,3 +179,27 @@ def test_list_shows_problems_and_operators(capsys):
     for name in sdze.PROBLEMS:
         assert name in out
     assert "SparseLaplacian" in out
+
+
+def test_non_finite_loss_stops_with_the_last_good_state_saved(tmp_path, monkeypatch):
+    """A NaN forcing from the 16th sample on: the run stops at step 15 and saves step 15."""
+    from sdze_core.problems import Problem
+
+    real_forcing = Problem.forcing
+    calls = {"n": 0}
+
+    def forcing(self, x):
+        calls["n"] += 1
+        f = real_forcing(self, x)
+        return f * float("nan") if calls["n"] > 15 else f
+
+    monkeypatch.setattr(Problem, "forcing", forcing)
+    result = run_small(tmp_path, steps=40, eval_every=10)
+    assert result.status == "diverged: non-finite loss"
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["divergence"]["step"] == 15
+    assert metrics["final"]["step"] == 15
+    ckpt = sdze.load_checkpoint(tmp_path / "run" / "checkpoint.npz", "numpy")
+    assert ckpt.state.step == 15
+    assert all(np.all(np.isfinite(p["W"])) for p in ckpt.params)
+    assert np.isfinite(result.rel_l2)
