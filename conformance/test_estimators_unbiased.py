@@ -1,4 +1,8 @@
-"""Jet oracles (SPEC section 3): exact values, unbiasedness, determinism, residual losses.
+"""Guarantee: every spatial estimator is unbiased, and the exact ones equal nested autodiff.
+
+Jet oracles (SPEC section 3): exact values, unbiasedness, determinism,
+residual losses. Exact oracles match the references to 1e-10 relative to
+max(1, |reference|) in float64 (``RTOL``).
 
 References are the derivative tensors ∂^k u (k <= 4) of the same networks,
 computed by nested ``jax.jacfwd`` in float64 on NumPy copies of the
