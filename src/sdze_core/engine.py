@@ -30,7 +30,17 @@ from .perturbers import CRNSPerturber, NonFiniteLossError
 from .registry import backend_of
 from .samplers import LowRankSubspace, Sampler
 
-__all__ = ["SDZE", "SDZEState", "StepInfo"]
+__all__ = ["SDZE", "SDZEState", "StepInfo", "step_keys"]
+
+
+def step_keys(run_key: Key, step: int) -> tuple[Key, Key]:
+    """(spatial, parameter) keys of step t: ``fold_in(fold_in(run_key, t), "spatial" | "param")``.
+
+    Shared by every training method, so the same seed draws the same
+    collocation points and oracle directions whatever the method.
+    """
+    step_key = fold_in(run_key, step)
+    return fold_in(step_key, "spatial"), fold_in(step_key, "param")
 
 
 class SDZEState(NamedTuple):
@@ -102,9 +112,8 @@ class SDZE:
         return SDZEState(0, fold_in(key, "steps"), sampler_state, self.optimizer.init(template))
 
     def step_keys(self, state: SDZEState) -> tuple[Key, Key]:
-        """(spatial, parameter) keys of the next step."""
-        step_key = fold_in(state.key, state.step)
-        return fold_in(step_key, "spatial"), fold_in(step_key, "param")
+        """(spatial, parameter) keys of the next step (:func:`step_keys`)."""
+        return step_keys(state.key, state.step)
 
     def step(self, loss, params, state: SDZEState):
         """One SDZE step: ``(params, state, info)``.

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 import array_api_compat
 from array_api_compat import array_namespace
 
-from .engine import StepInfo
+from .engine import StepInfo, step_keys
 from .keys import Key, fold_in
 from .optimizers import as_schedule, linear_decay
 from .perturbers import NonFiniteLossError
@@ -127,9 +127,8 @@ class FirstOrderAdam:
         )
 
     def step_keys(self, state: FirstOrderState) -> tuple[Key, Key]:
-        """(spatial, parameter) keys of the next step; the parameter key is unused."""
-        step_key = fold_in(state.key, state.step)
-        return fold_in(step_key, "spatial"), fold_in(step_key, "param")
+        """(spatial, parameter) keys of the next step, SDZE's (the parameter key is unused)."""
+        return step_keys(state.key, state.step)
 
     def step(self, loss, params, state: FirstOrderState):
         """One step: ``(params, state, info)``, ``info.loss`` = ℓ(θ; ξ_t) before the update.
