@@ -112,6 +112,7 @@ def _add_solve(commands) -> None:
                    help="unbiased residual loss r̂₁ r̂₂")
     g.add_argument("--learning-rate", type=float)
     g.add_argument("--schedule", choices=SCHEDULES)
+    g.add_argument("--adam-b2", type=float, help="Adam's (and ZO-Adam's) second-moment decay")
     g.add_argument("--num-queries", type=int, help="SDZE: perturbations per step q")
     g.add_argument("--eps", type=float, help="SDZE: finite-difference step ε")
     g.add_argument("--estimator", choices=ESTIMATORS, help="SDZE: central difference or forward")

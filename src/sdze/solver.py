@@ -19,8 +19,12 @@ Methods (SPEC sections 4, 5 and 7):
 * ``sdze``: CRNS zeroth-order estimates with low-rank subspace
   perturbations and ZO-Adam in subspace coordinates (forward passes only);
 * ``sdze-naive``: the same without common random numbers (the ablation);
+* ``zo-full``: CRNS zeroth-order estimates with full-space Gaussian
+  perturbations and ZO-SGD (the MeZO baseline; its variance grows with P);
 * ``first-order``: the same model, oracle and collocation points, gradients
-  by the backend's autodiff (torch, jax) and Adam: STDE's setting.
+  by the backend's autodiff (torch, jax) and Adam: STDE's setting;
+* ``sdgd``: first-order Adam with the Laplacian's sampled second derivatives
+  by nested autodiff instead of jets (the SDGD baseline; Laplacian problems).
 """
 
 from __future__ import annotations
@@ -40,11 +44,11 @@ from typing import Any
 from sdze_core.engine import SDZE
 from sdze_core.keys import fold_in, key
 from sdze_core.objectives import ResidualLoss
-from sdze_core.optimizers import constant, cosine_decay, linear_decay, zo_adam
+from sdze_core.optimizers import constant, cosine_decay, linear_decay, zo_adam, zo_sgd
 from sdze_core.perturbers import CRNSPerturber
 from sdze_core.problems import PROBLEMS, default_test_points, make_problem
 from sdze_core.registry import get_backend, make_backend
-from sdze_core.samplers import LowRankSubspace
+from sdze_core.samplers import FullGaussian, LowRankSubspace
 from sdze_core.training import Divergence, TestSet, TrainState, train
 
 from ._version import __version__
@@ -53,7 +57,9 @@ from .checkpoint import load_checkpoint, read_config, save_checkpoint
 __all__ = ["METHODS", "SolverConfig", "SolveResult", "build", "solve", "evaluate_checkpoint"]
 
 #: ``--method`` choices.
-METHODS = ("sdze", "sdze-naive", "first-order")
+METHODS = ("sdze", "sdze-naive", "zo-full", "first-order", "sdgd")
+#: The methods that need the backend's autodiff.
+AUTODIFF_METHODS = ("first-order", "sdgd")
 SCHEDULES = ("constant", "linear", "cosine")
 ESTIMATORS = ("central", "forward")
 
@@ -83,6 +89,7 @@ class SolverConfig:
     # the optimizer
     learning_rate: float | None = None
     schedule: str = "linear"
+    adam_b2: float | None = None
     # SDZE only
     num_queries: int = 4
     eps: float | None = None
@@ -116,6 +123,10 @@ class SolverConfig:
             c.steps = DEFAULT_STEPS[c.method]
         if c.learning_rate is None:
             c.learning_rate = DEFAULT_LEARNING_RATE[c.method]
+        if c.adam_b2 is None:
+            c.adam_b2 = DEFAULT_ADAM_B2[c.method]
+        if not 0.0 <= c.adam_b2 < 1.0:
+            raise ValueError(f"adam_b2 must be in [0, 1), got {c.adam_b2!r}")
         if c.eval_every is None:
             c.eval_every = max(1, c.steps // 20)
         if c.test_points is None:
@@ -137,8 +148,22 @@ class SolverConfig:
 
 
 #: Defaults per method (see docs/tutorial.md for how they were chosen).
-DEFAULT_STEPS = {"sdze": 2000, "sdze-naive": 2000, "first-order": 2000}
-DEFAULT_LEARNING_RATE = {"sdze": 3e-2, "sdze-naive": 3e-2, "first-order": 1e-3}
+DEFAULT_STEPS = {m: 2000 for m in METHODS}
+DEFAULT_LEARNING_RATE = {
+    "sdze": 3e-2,
+    "sdze-naive": 3e-2,
+    # ZO-SGD is not scale-free: ĝ carries the loss's scale (~1e6 to 1e9 here)
+    "zo-full": 1e-12,
+    "first-order": 1e-3,
+    "sdgd": 1e-3,
+}
+
+#: Adam's second-moment decay. First-order: 0.99, not Adam's usual 0.999: the
+#: first ~300 steps' gradients are ~30x the later ones (N must first reach
+#: its mean, ~30 at d = 1000), and with 0.999 they keep the step small for
+#: thousands of steps; see docs/benchmarks.md. ZO-Adam's moments restart at
+#: every basis refresh (T = 100), so its b2 matters little.
+DEFAULT_ADAM_B2 = {m: 0.99 if m in AUTODIFF_METHODS else 0.999 for m in METHODS}
 
 
 def _schedule(config: SolverConfig):
@@ -178,10 +203,24 @@ def build(config: SolverConfig, backend=None) -> Run:
         unbiased=config.unbiased,
         forcing=problem.forcing,
     )
-    if config.method == "first-order":
+    if config.method == "sdgd":
+        if problem.equation.order != 2:
+            raise ValueError(
+                f"sdgd estimates Laplacians only; {config.problem!r} is of order "
+                f"{problem.equation.order} (use first-order)"
+            )
+        from sdze_core.oracles import NestedAutodiffLaplacian
+
+        loss = dataclasses.replace(loss, oracle=NestedAutodiffLaplacian(min(config.num_directions, config.dim)))
+    if config.method in AUTODIFF_METHODS:
         from sdze_core.first_order import FirstOrderAdam
 
-        method = FirstOrderAdam(_schedule(config))
+        method = FirstOrderAdam(_schedule(config), b2=config.adam_b2)
+    elif config.method == "zo-full":
+        perturber = CRNSPerturber(
+            eps=config.eps, num_queries=config.num_queries, crns=True, estimator=config.estimator
+        )
+        method = SDZE(perturber, FullGaussian(), zo_sgd(_schedule(config)))
     else:
         perturber = CRNSPerturber(
             eps=config.eps,
@@ -190,7 +229,7 @@ def build(config: SolverConfig, backend=None) -> Run:
             estimator=config.estimator,
         )
         sampler = LowRankSubspace(rank=config.rank, refresh_every=config.refresh_every)
-        method = SDZE(perturber, sampler, zo_adam(_schedule(config)))
+        method = SDZE(perturber, sampler, zo_adam(_schedule(config), b2=config.adam_b2))
     test = TestSet(problem, config.test_points, fold_in(key(config.seed), "test"))
     return Run(config, backend, problem, model, loss, method, test)
 

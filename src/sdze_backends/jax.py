@@ -129,6 +129,24 @@ class JaxBackend(Backend):
         except TypeError:  # an unhashable fn: compile for this call only
             return _value_and_grad.__wrapped__(fn)
 
+    def hessian_diagonal(self, fn, x, index):
+        """Forward-over-reverse ``jvp(grad(fn))`` along e_j, vmapped over the points
+        and the sampled coordinates (each tangent a dense d-vector)."""
+        import jax
+        import jax.numpy as jnp
+
+        def one_point(row):
+            return fn(row[None, :])[0]
+
+        grad = jax.grad(one_point)
+
+        def second(row, j):
+            tangent = jnp.zeros_like(row).at[j].set(1)
+            return jax.jvp(grad, (row,), (tangent,))[1][j]
+
+        per_coordinate = jax.vmap(lambda j: jax.vmap(lambda row: second(row, j))(x))
+        return fn(x), per_coordinate(index)
+
     def synchronize(self, *arrays) -> None:
         import jax
 

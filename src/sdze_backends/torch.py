@@ -107,6 +107,21 @@ class TorchBackend(Backend):
 
         return value_and_grad
 
+    def hessian_diagonal(self, fn, x, index):
+        """SDGD's PyTorch recipe: one gradient with ``create_graph`` and one more
+        backward pass per sampled coordinate (V passes, each through a (B, d) graph)."""
+        import torch
+
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            u = fn(x)
+            (g,) = torch.autograd.grad(u.sum(), x, create_graph=True)
+            rows = []
+            for j in index.tolist():
+                (h,) = torch.autograd.grad(g[:, j].sum(), x, create_graph=True)
+                rows.append(h[:, j])
+        return u, torch.stack(rows)
+
     def _cuda(self) -> bool:
         return self.device.type == "cuda"
 

@@ -167,6 +167,26 @@ class Backend(ABC):
             "method needs torch or jax (use --method sdze, which needs only forward passes)"
         )
 
+    def hessian_diagonal(self, fn: Callable, x, index) -> tuple:
+        """``(fn(x), H)`` with H[v, b] = ∂²fn/∂x_j² at row b of x, j = index[v], by nested
+        reverse-mode autodiff (the SDGD baseline, SPEC section 7).
+
+        ``fn`` maps points (B, d) to values (B,), each row independently. The
+        result stays differentiable with respect to whatever ``fn`` closes
+        over (the parameters), so a first-order method can differentiate
+        through it. Unlike the jet oracles, this costs O(V B d) memory: every
+        second derivative goes through a (B, d) gradient.
+
+        Raises
+        ------
+        AutodiffNotAvailableError
+            On a backend without automatic differentiation (the default).
+        """
+        raise AutodiffNotAvailableError(
+            f"backend {self.name!r} has no automatic differentiation; nested-autodiff "
+            "derivatives (SDGD) need torch or jax (the jet oracles need only forward passes)"
+        )
+
     def synchronize(self, *arrays) -> None:
         """Wait until queued device work (and ``arrays``) is done, for timings.
 

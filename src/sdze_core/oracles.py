@@ -46,6 +46,7 @@ __all__ = [
     "OperatorEstimate",
     "Oracle",
     "SparseLaplacian",
+    "NestedAutodiffLaplacian",
     "HutchinsonLaplacian",
     "ExactLaplacian",
     "SparseDiagonal",
@@ -358,6 +359,50 @@ class SparseLaplacian(Oracle):
         d = _dimension(x)
         u, total = _diagonal_sum(model, params, x, sample, 2, self.collapse, linear)
         return OperatorEstimate(u, (d / sample.shape[0]) * total)
+
+
+@dataclass(frozen=True)
+class NestedAutodiffLaplacian(Oracle):
+    """SDGD's Laplacian: the estimator of :class:`SparseLaplacian` by nested autodiff.
+
+    Estimator (the same coordinates as :class:`SparseLaplacian` for the same key)::
+
+        (d / V) Σ_{v=1..V} ∂²u/∂x_{j_v}²,   j_1, ..., j_V uniform without replacement
+
+    with each ∂²u/∂x_j² computed by reverse mode through the gradient ∇u
+    (:meth:`Backend.hessian_diagonal <sdze_core.backend.Backend.hessian_diagonal>`),
+    as stochastic dimension gradient descent (SDGD, Hu et al.) does. It is the
+    baseline of SPEC section 7: the same numbers as the jet oracle, at O(V B d)
+    memory and O(V) backward passes instead of O(h V) per point. Autodiff
+    backends only (torch, jax), and only the plain network: an SDZE
+    perturbation hook is refused.
+
+    Parameters
+    ----------
+    num_directions : int
+        V <= d.
+    """
+
+    order: ClassVar[int] = 2
+    num_directions: int = 16
+
+    def __post_init__(self):
+        _check_count("num_directions", self.num_directions)
+
+    def sample(self, key, x):
+        """V distinct coordinates j_v, an index array of shape (V,) (as SparseLaplacian)."""
+        return _sample_coordinates(key, x, self.num_directions)
+
+    def estimate(self, model, params, x, sample, linear=None) -> OperatorEstimate:
+        if linear is not None:
+            raise TypeError(
+                "NestedAutodiffLaplacian differentiates the plain network; it cannot "
+                "evaluate SDZE's perturbed networks (use SparseLaplacian)"
+            )
+        xp = array_namespace(x)
+        u, second = backend_of(x).hessian_diagonal(lambda y: model.apply(params, y), x, sample)
+        d = _dimension(x)
+        return OperatorEstimate(u, (d / sample.shape[0]) * xp.sum(second, axis=0))
 
 
 @dataclass(frozen=True)

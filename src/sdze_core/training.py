@@ -139,7 +139,7 @@ class TrainState:
         The method's state (its ``.step`` is the next step's index).
     history : list of dict
         One record per evaluation: step, loss (mean training loss since the
-        previous record), rel_l2, rel_linf, time (wall seconds, cumulative).
+        previous record), rel_l2, rel_linf, time (training wall seconds, cumulative; evaluations and checkpoints excluded).
     elapsed : float
         Wall seconds spent in earlier runs of this training (before a resume).
     loss_sum, loss_count : float, int
@@ -236,6 +236,7 @@ def train(
         ``on_eval(record)`` after each evaluation.
     """
     checkpoint_every = checkpoint_every or eval_every
+    # Training time only: the clock is paused during evaluations and checkpoints.
     start_clock = time.perf_counter() - state.elapsed
 
     def clock() -> float:
@@ -254,10 +255,11 @@ def train(
         if on_step is not None:
             on_step(t, info.loss)
         if t % eval_every == 0 or t == steps:
-            record = {"step": t, "loss": state.loss_sum / state.loss_count}
+            record = {"step": t, "loss": state.loss_sum / state.loss_count, "time": clock()}
+            paused = time.perf_counter()
             if test is not None:
                 record |= test.errors(model, params, method.hook(params, state.method))
-            record["time"] = clock()
+            start_clock += time.perf_counter() - paused
             state.history.append(record)
             state.loss_sum, state.loss_count = 0.0, 0
             if on_eval is not None:
@@ -273,6 +275,8 @@ def train(
             state.best_loss = min(state.best_loss, record["loss"])
         if on_checkpoint is not None and (t % checkpoint_every == 0 or t == steps):
             state.elapsed = clock()
+            paused = time.perf_counter()
             on_checkpoint(params, state)
+            start_clock += time.perf_counter() - paused
     state.elapsed = clock()
     return TrainResult(params, state)
