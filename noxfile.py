@@ -130,3 +130,21 @@ def docs(session: nox.Session) -> None:
     """Build the MkDocs site into site/ (warnings are errors)."""
     session.install(*nox.project.dependency_groups(PYPROJECT, "docs"))
     session.run("mkdocs", "build", "--strict", "--site-dir", "site")
+
+
+@nox.session(default=False)
+def bench(session: nox.Session) -> None:
+    """The benchmarks of docs/benchmarks.md (CPU torch): speed and memory sweep, then the
+    convergence study; JSON and plots under benchmarks/results/ (long: about an hour on
+    2 cores). ``nox -s bench -- sweep|convergence|ablation|1e7`` runs one of them."""
+    install(session, "jax")
+    scripts = {
+        "sweep": ["benchmarks/bench_sweep.py"],
+        "1e7": ["benchmarks/bench_solve_1e7.py"],
+        "convergence": ["benchmarks/bench_convergence.py"],
+        "ablation": ["benchmarks/bench_convergence.py", "--grid", "ablation"],
+    }
+    for name in session.posargs or ["sweep", "convergence", "ablation"]:
+        if name not in scripts:
+            session.error(f"unknown benchmark {name!r}; known: {', '.join(scripts)}")
+        session.run("python", *scripts[name])

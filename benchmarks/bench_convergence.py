@@ -12,8 +12,8 @@ Grids:
   10^4; SDZE (NumPy, forward passes only) and first-order STDE (PyTorch
   autograd + Adam), both at their defaults;
 * ``ablation``: Allen–Cahn two-body at d = 10^3: what the defaults were chosen
-  from (Adam's b2 for first-order; q, rank, refresh period, learning rate,
-  estimator and unbiased loss for SDZE).
+  from (Adam's b2 for first-order; for SDZE the residual-aligned first-layer
+  basis, one layer per query, q and the schedule, and CRNS).
 
 Writes ``benchmarks/results/convergence_<grid>.json`` (every run's config,
 history and final errors, the machine) and ``convergence_<grid>.png``
@@ -43,14 +43,14 @@ MAIN_METHODS = [
 ]
 ABLATION = [
     ("first-order, b2 0.999", {"method": "first-order", "backend": "torch", "adam_b2": 0.999}),
-    ("first-order, b2 0.99 (default)", {"method": "first-order", "backend": "torch"}),
-    ("sdze default (q4 r8 T100 lr.03)", {}),
-    ("sdze lr 0.1", {"learning_rate": 0.1}),
-    ("sdze q 1", {"num_queries": 1}),
-    ("sdze q 8 forward", {"num_queries": 8, "estimator": "forward"}),
-    ("sdze rank 16", {"rank": 16}),
-    ("sdze T 20", {"refresh_every": 20}),
-    ("sdze unbiased", {"unbiased": True}),
+    ("first-order (default: b2 0.99)", {"method": "first-order", "backend": "torch"}),
+    ("sdze (default)", {}),
+    ("sdze, no residual alignment", {"residual_aligned": False}),
+    ("sdze, all layers per query", {"layerwise": False}),
+    ("sdze, q 4, constant 0.03", {"num_queries": 4, "schedule": "constant",
+                                  "learning_rate": 0.03}),
+    ("sdze, before the study", {"num_queries": 4, "schedule": "linear", "learning_rate": 0.03,
+                                "layerwise": False, "residual_aligned": False}),
     ("sdze-naive (no CRNS)", {"method": "sdze-naive"}),
 ]
 

@@ -162,7 +162,8 @@ def run_child(args, backend: str, method: str, d: int) -> dict:
     if killed:
         return {"status": killed}
     if child.returncode != 0:
-        return {"status": f"failed: {err.strip().splitlines()[-1] if err.strip() else child.returncode}"}
+        reason = err.strip().splitlines()[-1] if err.strip() else f"exit {child.returncode}"
+        return {"status": f"failed: {reason}"}
     return json.loads(out.strip().splitlines()[-1])
 
 

@@ -451,3 +451,41 @@ def test_steps_leave_no_reference_cycles(backend, estimator):
         assert gc.collect() == 0
     finally:
         gc.enable()
+
+
+def test_residual_aligned_engine_observes_the_residuals_at_theta(backend):
+    """The perturber hands the sampler the mean of the 2q evaluations' residuals:
+    the residuals at θ up to O(ε²); the losses are the same as without observing."""
+    from sdze_core.engine import SDZE
+    from sdze_core.models import MLP, Ansatz
+    from sdze_core.objectives import ResidualLoss
+    from sdze_core.oracles import SparseLaplacian
+    from sdze_core.perturbers import CRNSPerturber
+    from sdze_core.samplers import LowRankSubspace
+
+    b = backend.with_config(dtype="float64")
+    d = 5
+    model = Ansatz(MLP((d, 8, 8, 1)), "ball")
+    x = 0.3 * b.normal(key(5), (6, d))
+    loss = ResidualLoss(model, SparseLaplacian(3), lambda u, y: u * u, lambda k: x)
+    params = model.init(key(1), b)
+    perturber = CRNSPerturber(eps=1e-4, num_queries=3)
+    aligned = LowRankSubspace(rank=2, residual_aligned=True)
+    plain = LowRankSubspace(rank=2)
+    state = aligned.init(key(2), params)
+    directions = aligned.draw(state, params, key(3), 3)
+    got = perturber.estimate(loss, params, aligned, state, directions, key(4))
+    ref = perturber.estimate(loss, params, plain, state, directions, key(4))
+    assert ref.observation is None
+    np.testing.assert_array_equal(np.asarray(b.to_host(got.losses)),
+                                  np.asarray(b.to_host(ref.losses)))
+    xs, r = got.observation
+    (r_theta,) = loss.residuals(params, loss.sample(key(4)))
+    scale = float(np.max(np.abs(np.asarray(b.to_host(r_theta)))))
+    np.testing.assert_allclose(np.asarray(b.to_host(r)), np.asarray(b.to_host(r_theta)),
+                               rtol=0, atol=1e-6 * scale)
+    # The engine stores h = (1/B) Σ_b r_b x_b after its first step.
+    engine = SDZE(perturber, aligned)
+    s0 = engine.init(key(2), params)
+    _, s1, _ = engine.step(loss, [dict(p) for p in params], s0)
+    assert s1.sampler.inputs is not None and tuple(s1.sampler.inputs.shape) == (d,)

@@ -631,3 +631,79 @@ def test_hook_query_errors(backend):
         sampler.hook(state, directions, [0], None)
     with pytest.raises(ValueError, match=r"must lie in range\(2\)"):
         sampler.hook(state, directions, [0, 2], [1e-3, 1e-3])
+
+
+# -- one layer per query, residual-aligned input bases -----------------------------------------
+
+
+def test_layerwise_draws_perturb_one_layer_per_query(backend):
+    b = f64(backend)
+    params = MLP(SIZES).init(key(0), b)
+    L = len(params)
+    plain, layerwise = LowRankSubspace(rank=3), LowRankSubspace(rank=3, layerwise=True)
+    state = plain.init(key(1), params)
+    seen = set()
+    previous = None
+    for step in range(12):
+        full = plain.draw(state, params, key(100 + step), 5)
+        one = layerwise.draw(state, params, key(100 + step), 5)
+        for i in range(5):
+            active = [
+                layer for layer in range(L)
+                if np.any(host(b, one.S[layer])[i] != 0) or np.any(host(b, one.bias[layer])[i] != 0)
+            ]
+            assert len(active) == 1  # exactly one layer per query ...
+            layer = active[0]
+            seen.add(layer)
+            # ... the plain draw's S and z_b times sqrt(L)
+            np.testing.assert_allclose(host(b, one.S[layer])[i],
+                                       sqrt(L) * host(b, full.S[layer])[i], rtol=1e-14)
+            np.testing.assert_allclose(host(b, one.bias[layer])[i],
+                                       sqrt(L) * host(b, full.bias[layer])[i], rtol=1e-14)
+            if i > 0:  # consecutive queries take consecutive layers
+                assert previous is not None and layer == (previous + 1) % L
+            previous = layer
+    assert seen == set(range(L))  # the offset is drawn from the key
+
+
+def test_residual_aligned_first_basis_follows_the_residual_weighted_inputs(backend):
+    b = f64(backend)
+    params = MLP(SIZES).init(key(0), b)
+    sampler = LowRankSubspace(rank=3, refresh_every=2, residual_aligned=True, input_decay=0.5)
+    state = sampler.init(key(1), params)
+    assert state.inputs is None
+    x1, x2 = points(b), 2.0 * points(b)
+    r1 = b.asarray(np.array([1.0, -2.0, 0.5, 3.0]), dtype=b.dtype)
+    r2 = b.asarray(np.array([0.0, 1.0, 1.0, -1.0]), dtype=b.dtype)
+    state = sampler.observe(state, x1, r1)
+    def term(r, x):
+        r = host(b, r)
+        return r @ host(b, x) / (B * np.sqrt(np.mean(r * r)))
+
+    h1 = term(r1, x1)
+    np.testing.assert_allclose(host(b, state.inputs), h1, rtol=1e-13)
+    state = sampler.observe(state, x2, r2)
+    h2 = 0.5 * h1 + 0.5 * term(r2, x2)
+    np.testing.assert_allclose(host(b, state.inputs), h2, rtol=1e-13)
+    # At the refresh, V of the first layer spans h (its first column is ±h/|h|),
+    # and every basis stays orthonormal.
+    state, params, transition = sampler.refresh(state, params, 2)
+    assert transition is not None
+    U0, V0 = (host(b, a) for a in state.bases[0])
+    unit = h2 / np.linalg.norm(h2)
+    assert abs(abs(V0[:, 0] @ unit) - 1.0) < 1e-12
+    for U, V in state.bases:
+        for M in (host(b, U), host(b, V)):
+            np.testing.assert_allclose(M.T @ M, np.eye(M.shape[1]), atol=1e-12)
+    # The other layers' bases are the plain sampler's.
+    plain_state = LowRankSubspace(rank=3, refresh_every=2).init(key(1), params)
+    plain_state, _, _ = LowRankSubspace(rank=3, refresh_every=2).refresh(plain_state, params, 2)
+    for (_, V), (_, V2) in list(zip(state.bases, plain_state.bases, strict=True))[1:]:
+        np.testing.assert_array_equal(host(b, V), host(b, V2))
+
+
+def test_residual_aligned_needs_stored_bases_and_a_decay_in_range():
+    with pytest.raises(ValueError, match="store_bases=True"):
+        LowRankSubspace(residual_aligned=True, store_bases=False)
+    with pytest.raises(ValueError, match="input_decay"):
+        LowRankSubspace(residual_aligned=True, input_decay=1.0)

@@ -118,6 +118,11 @@ def _add_solve(commands) -> None:
     g.add_argument("--estimator", choices=ESTIMATORS, help="SDZE: central difference or forward")
     g.add_argument("--rank", type=int, help="SDZE: subspace rank r")
     g.add_argument("--refresh-every", type=int, help="SDZE: basis refresh period T")
+    g.add_argument("--layerwise", action=argparse.BooleanOptionalAction, default=None,
+                   help="SDZE: perturb one layer per query (default on)")
+    g.add_argument("--residual-aligned", action=argparse.BooleanOptionalAction, default=None,
+                   help="SDZE: align the first layer's input basis with the residual-weighted "
+                   "inputs (default on)")
     g.add_argument("--eval-every", type=int)
     g.add_argument("--test-points", type=int)
     g.add_argument("--checkpoint-every", type=int)

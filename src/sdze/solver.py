@@ -88,14 +88,16 @@ class SolverConfig:
     unbiased: bool = False
     # the optimizer
     learning_rate: float | None = None
-    schedule: str = "linear"
+    schedule: str | None = None
     adam_b2: float | None = None
     # SDZE only
-    num_queries: int = 4
+    num_queries: int = 5
     eps: float | None = None
     estimator: str = "central"
     rank: int = 8
     refresh_every: int = 100
+    layerwise: bool = True
+    residual_aligned: bool = True
     # evaluation and checkpoints
     eval_every: int | None = None
     test_points: int | None = None
@@ -109,6 +111,8 @@ class SolverConfig:
             raise ValueError(f"unknown problem {c.problem!r}; known: {', '.join(PROBLEMS)}")
         if c.method not in METHODS:
             raise ValueError(f"unknown method {c.method!r}; known: {', '.join(METHODS)}")
+        if c.schedule is None:
+            c.schedule = DEFAULT_SCHEDULE[c.method]
         if c.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {c.schedule!r}")
         if c.estimator not in ESTIMATORS:
@@ -148,15 +152,19 @@ class SolverConfig:
 
 
 #: Defaults per method (see docs/tutorial.md for how they were chosen).
-DEFAULT_STEPS = {m: 2000 for m in METHODS}
+DEFAULT_STEPS = {m: 3000 for m in METHODS}
 DEFAULT_LEARNING_RATE = {
-    "sdze": 3e-2,
-    "sdze-naive": 3e-2,
+    "sdze": 5e-2,
+    "sdze-naive": 5e-2,
     # ZO-SGD is not scale-free: ĝ carries the loss's scale (~1e6 to 1e9 here)
     "zo-full": 1e-12,
     "first-order": 1e-3,
     "sdgd": 1e-3,
 }
+
+#: Learning-rate schedules: cosine for the zeroth-order methods (more steps at a
+#: high rate while the first layer is learned), linear decay for first-order (STDE's).
+DEFAULT_SCHEDULE = {m: "linear" if m in AUTODIFF_METHODS else "cosine" for m in METHODS}
 
 #: Adam's second-moment decay. First-order: 0.99, not Adam's usual 0.999: the
 #: first ~300 steps' gradients are ~30x the later ones (N must first reach
@@ -211,7 +219,8 @@ def build(config: SolverConfig, backend=None) -> Run:
             )
         from sdze_core.oracles import NestedAutodiffLaplacian
 
-        loss = dataclasses.replace(loss, oracle=NestedAutodiffLaplacian(min(config.num_directions, config.dim)))
+        nested = NestedAutodiffLaplacian(min(config.num_directions, config.dim))
+        loss = dataclasses.replace(loss, oracle=nested)
     if config.method in AUTODIFF_METHODS:
         from sdze_core.first_order import FirstOrderAdam
 
@@ -228,7 +237,16 @@ def build(config: SolverConfig, backend=None) -> Run:
             crns=config.method == "sdze",
             estimator=config.estimator,
         )
-        sampler = LowRankSubspace(rank=config.rank, refresh_every=config.refresh_every)
+        # h must average ~10 d / B steps to stand out of the noise of (1/B) Σ r_b x_b
+        # (signal² / noise² ≈ B N / d after N steps): β = 1 − 1/N, N >= 100.
+        input_decay = 1.0 - 1.0 / max(100.0, 10.0 * config.dim / config.batch_size)
+        sampler = LowRankSubspace(
+            input_decay=input_decay,
+            rank=config.rank,
+            refresh_every=config.refresh_every,
+            layerwise=config.layerwise,
+            residual_aligned=config.residual_aligned,
+        )
         method = SDZE(perturber, sampler, zo_adam(_schedule(config), b2=config.adam_b2))
     test = TestSet(problem, config.test_points, fold_in(key(config.seed), "test"))
     return Run(config, backend, problem, model, loss, method, test)

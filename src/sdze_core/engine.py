@@ -154,6 +154,8 @@ class SDZE:
                 params=params,
                 state=before,
             )
+        if estimate.observation is not None:
+            sampler_state = self.sampler.observe(sampler_state, *estimate.observation)
         coords = self.sampler.project(directions, estimate.g)
         updates, opt_state = self.optimizer.update(coords, opt_state, t)
         sampler_state, params = self.sampler.apply(sampler_state, params, directions, updates)

@@ -79,11 +79,16 @@ class ZOEstimate(NamedTuple):
     losses : array
         Every evaluated loss: (2q,) for ``central`` (the q plus then the q
         minus sides), (q,) complex for ``forward``.
+    observation : tuple or None
+        ``(x, r)``: the points (B, d) and the residuals at θ up to O(ε²) (B,),
+        the mean over the 2q evaluations; only for a sampler that
+        :attr:`~sdze_core.samplers.Sampler.wants_residuals` (central, CRNS).
     """
 
     g: Any
     loss: Any
     losses: Any
+    observation: Any = None
 
 
 def _dtype_name(x) -> str:
@@ -171,10 +176,14 @@ class CRNSPerturber:
             xp = array_namespace(values)
             return ZOEstimate(xp.imag(values) / h, xp.mean(xp.real(values)), values)
         eps = self.eps_for(params)
+        observation = None
         if self.crns:
             xi = loss.sample(key)
             hook = sampler.hook(sampler_state, directions, queries * 2, [eps] * q + [-eps] * q)
-            values = loss(params, xi, hook)
+            if getattr(sampler, "wants_residuals", False) and hasattr(loss, "residuals"):
+                values, observation = _values_and_mean_residual(loss, params, xi, hook)
+            else:
+                values = loss(params, xi, hook)
         else:
             plus = sampler.hook(sampler_state, directions, queries, [eps] * q)
             minus = sampler.hook(sampler_state, directions, queries, [-eps] * q)
@@ -187,4 +196,13 @@ class CRNSPerturber:
             )
         xp = array_namespace(values)
         g = (values[:q] - values[q:]) / (2.0 * eps)
-        return ZOEstimate(g, xp.mean(values), values)
+        return ZOEstimate(g, xp.mean(values), values, observation)
+
+
+def _values_and_mean_residual(loss, params, xi, hook):
+    """The 2q losses (as ``loss(params, xi, hook)`` computes them) and (x, mean residual)."""
+    r = loss.residuals(params, xi, hook)
+    xp = array_namespace(r[0])
+    product = r[0] * r[1] if len(r) == 2 else r[0] * r[0]
+    mean_r = sum(xp.mean(ri, axis=0) for ri in r) / len(r)
+    return xp.mean(product, axis=-1), (xi.x, mean_r)

@@ -32,6 +32,7 @@ state (momentum, Adam moments) is O(r²) per layer, not O(P).
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from functools import cache
@@ -157,6 +158,12 @@ class Sampler(ABC):
     """
 
     has_coordinates: bool = True
+    wants_residuals: bool = False
+
+    def observe(self, state, x, residual):
+        """Take note of the step's points x (B, d) and residuals r(θ) (B,) (only
+        called when :attr:`wants_residuals`): the new state."""
+        return state
 
     @abstractmethod
     def init(self, key: Key, params) -> Any:
@@ -332,12 +339,16 @@ class LowRankState(NamedTuple):
     pending : tuple of arrays or None
         Per layer the r × r update A accumulated since the bases were drawn:
         the network's weights are W + U A Vᵀ until :meth:`LowRankSubspace.merge`.
+    inputs : array or None
+        With ``residual_aligned``: the running mean h (d,) of the
+        residual-weighted inputs (1/B) Σ_b r_b x_b; otherwise ``None``.
     """
 
     key: Key
     epoch: int
     bases: tuple | None
     pending: tuple | None
+    inputs: Any = None
 
 
 class LowRankDirections(NamedTuple):
@@ -381,12 +392,39 @@ class LowRankSubspace(Sampler):
         state and the forward pass uses W x + U (A (Vᵀ x)) for free, reusing
         Vᵀ x; A is folded into W once, when the bases change, or on
         :meth:`merge`. Call :meth:`merge` before reading the weights.
+    layerwise : bool
+        Perturb one layer per query: query i perturbs layer (o + i) mod L
+        (weights and bias; o uniform from the step's key), scaled by √L so
+        that E[vec Z vec Zᵀ] is unchanged. Each g_i then carries only that
+        layer's directional derivative: the loss's sensitivity to the last
+        layers (here ~10³ times the first layer's) no longer drowns the
+        first layer's estimate. Same cost per step.
+    residual_aligned : bool
+        Make the first column of the first layer's V (the input side, R^d)
+        the running mean h ← β h + (1 − β) (1/B) Σ_b r_b x_b / rms(r) of the
+        inputs weighted by their residuals at θ (β = ``input_decay``), the others
+        random, at every refresh. The first layer's gradient is
+        (1/B) Σ_b δ_b x_bᵀ with δ_b the back-propagated error at x_b; when
+        δ_b ∝ r_b times a vector (the −2d N term of a Laplacian of
+        (1 − ‖x‖²) N, which dominates near the sphere), its input side is h.
+        A random V holds a fraction r/d of it; this one most of it. The
+        residuals are the mean of the 2q perturbed evaluations' (O(ε²) off),
+        so nothing is evaluated twice; h costs d floats. Needs stored bases.
+    input_decay : float
+        β of the running mean h.
     """
 
     rank: int = 8
     refresh_every: int = 100
     store_bases: bool = True
     merge_every: str = "refresh"
+    layerwise: bool = False
+    residual_aligned: bool = False
+    input_decay: float = 0.99
+
+    @property
+    def wants_residuals(self) -> bool:
+        return self.residual_aligned
 
     def __post_init__(self):
         for name in ("rank", "refresh_every"):
@@ -395,6 +433,13 @@ class LowRankSubspace(Sampler):
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if self.merge_every not in ("refresh", "step"):
             raise ValueError(f"merge_every must be 'refresh' or 'step', got {self.merge_every!r}")
+        if self.residual_aligned and not self.store_bases:
+            raise ValueError(
+                "residual_aligned bases depend on the run's residuals and cannot be "
+                "regenerated from their key: use store_bases=True"
+            )
+        if not 0.0 <= float(self.input_decay) < 1.0:
+            raise ValueError(f"input_decay must be in [0, 1), got {self.input_decay!r}")
 
     # -- bases ------------------------------------------------------------------------------
     def layer_rank(self, shape) -> int:
@@ -406,8 +451,9 @@ class LowRankSubspace(Sampler):
         """The basis epoch of a step: ⌊step / T⌋."""
         return int(step) // self.refresh_every
 
-    def _draw_bases(self, key: Key, epoch: int, params) -> tuple:
+    def _draw_bases(self, key: Key, epoch: int, params, inputs=None) -> tuple:
         backend = backend_of(params[0]["W"])
+        xp = backend.xp
         epoch_key = fold_in(key, epoch)
         bases = []
         for layer, p in enumerate(params):
@@ -415,7 +461,12 @@ class LowRankSubspace(Sampler):
             r = self.layer_rank((m, n))
             layer_key = fold_in(epoch_key, layer)
             U = backend.qr(backend.normal(fold_in(layer_key, "U"), (m, r), dtype=p["W"].dtype))[0]
-            V = backend.qr(backend.normal(fold_in(layer_key, "V"), (n, r), dtype=p["W"].dtype))[0]
+            G = backend.normal(fold_in(layer_key, "V"), (n, r), dtype=p["W"].dtype)
+            if layer == 0 and inputs is not None:
+                norm = float(xp.linalg.vector_norm(inputs))
+                if norm > 0.0 and math.isfinite(norm):
+                    G = xp.concat([xp.reshape(inputs / norm, (n, 1)), G[:, 1:]], axis=1)
+            V = backend.qr(G)[0]
             bases.append((U, V))
         return tuple(bases)
 
@@ -455,14 +506,32 @@ class LowRankSubspace(Sampler):
             return state, params, None
         old = self.bases(state, params)
         state, params = self.merge(state, params, old)
-        new = self._draw_bases(state.key, epoch, params)
+        new = self._draw_bases(state.key, epoch, params, state.inputs)
         xp = array_namespace(params[0]["W"])
         transition = tuple(
             (xp.matrix_transpose(Un) @ Uo, xp.matrix_transpose(Vn) @ Vo)
             for (Uo, Vo), (Un, Vn) in zip(old, new, strict=True)
         )
-        state = LowRankState(state.key, epoch, new if self.store_bases else None, state.pending)
+        state = state._replace(epoch=epoch, bases=new if self.store_bases else None)
         return state, params, transition
+
+    def observe(self, state: LowRankState, x, residual):
+        """h ← β h + (1 − β) (1/B) Σ_b r_b x_b / rms(r) (the first h is the first
+        step's), with ``residual_aligned``; a (1, B) × (B, d) product, no (B, d)
+        temporary."""
+        if not self.residual_aligned:
+            return state
+        xp = array_namespace(x)
+        r = xp.astype(residual, x.dtype)
+        rms = float(xp.sqrt(xp.mean(r * r)))
+        if not (rms > 0.0 and math.isfinite(rms)):
+            return state
+        # Each step's term in units of its residuals' RMS: the early steps, whose
+        # residuals are orders of magnitude larger, do not dominate a long mean.
+        v = xp.reshape(xp.reshape(r, (1, -1)) @ x, (-1,)) / (x.shape[0] * rms)
+        beta = float(self.input_decay)
+        h = v if state.inputs is None else beta * state.inputs + (1.0 - beta) * v
+        return state._replace(inputs=h)
 
     def draw(self, state: LowRankState, params, key: Key, num_queries: int) -> LowRankDirections:
         """Per layer S (q, r_l, r_l) from ``fold_in(fold_in(key, l), "S")`` and
@@ -479,7 +548,22 @@ class LowRankSubspace(Sampler):
             S.append(backend.normal(fold_in(layer_key, "S"), (num_queries, r, r), dtype=U.dtype))
             scale.append(sqrt(m * n) / r)
             bias.append(backend.normal(fold_in(layer_key, "b"), (num_queries, m), dtype=U.dtype))
+        if self.layerwise:
+            S, bias = self._one_layer_per_query(backend, key, S, bias, num_queries)
         return LowRankDirections(tuple(bases), tuple(S), tuple(scale), tuple(bias))
+
+    @staticmethod
+    def _one_layer_per_query(backend, key: Key, S: list, bias: list, num_queries: int):
+        """S_l, z_b,l of query i kept (times √L) where layer l = (o + i) mod L, else zeroed."""
+        xp = backend.xp
+        L = len(S)
+        offset = int(backend.to_host(backend.choice(fold_in(key, "layers"), L, 1))[0])
+        for layer in range(L):
+            mask = [sqrt(L) if (offset + i) % L == layer else 0.0 for i in range(num_queries)]
+            m = backend.asarray(mask, dtype=S[layer].dtype)
+            S[layer] = S[layer] * xp.reshape(m, (-1, 1, 1))
+            bias[layer] = bias[layer] * xp.reshape(m, (-1, 1))
+        return S, bias
 
     def hook(self, state, directions, query_index=None, scales=None) -> PerturbedLinear:
         xp = array_namespace(directions.S[0])

@@ -139,7 +139,8 @@ class TrainState:
         The method's state (its ``.step`` is the next step's index).
     history : list of dict
         One record per evaluation: step, loss (mean training loss since the
-        previous record), rel_l2, rel_linf, time (training wall seconds, cumulative; evaluations and checkpoints excluded).
+        previous record), rel_l2, rel_linf, time (training wall seconds,
+        cumulative; evaluations and checkpoints excluded).
     elapsed : float
         Wall seconds spent in earlier runs of this training (before a resume).
     loss_sum, loss_count : float, int
