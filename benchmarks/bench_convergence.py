@@ -63,6 +63,8 @@ def grid(args) -> list[dict]:
     for d in args.dims:
         for problem in args.problems:
             for label, settings in MAIN_METHODS:
+                if args.methods and settings["method"] not in args.methods:
+                    continue
                 runs.append({"label": label, "problem": problem, "dim": int(d), **settings})
     return runs
 
@@ -130,6 +132,7 @@ def main() -> None:
     parser.add_argument("--grid", choices=["main", "ablation"], default="main")
     parser.add_argument("--problems", nargs="+", default=MAIN_PROBLEMS)
     parser.add_argument("--dims", nargs="+", type=float, default=[1e2, 1e3, 1e4])
+    parser.add_argument("--methods", nargs="+", help="only these methods of the main grid")
     parser.add_argument("--steps", type=int, help="override the solver's default steps")
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--out", type=Path)

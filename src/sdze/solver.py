@@ -98,6 +98,7 @@ class SolverConfig:
     refresh_every: int = 100
     layerwise: bool = True
     residual_aligned: bool = True
+    input_memory: float = 2.0
     # evaluation and checkpoints
     eval_every: int | None = None
     test_points: int | None = None
@@ -237,9 +238,9 @@ def build(config: SolverConfig, backend=None) -> Run:
             crns=config.method == "sdze",
             estimator=config.estimator,
         )
-        # h must average ~10 d / B steps to stand out of the noise of (1/B) Σ r_b x_b
-        # (signal² / noise² ≈ B N / d after N steps): β = 1 − 1/N, N >= 100.
-        input_decay = 1.0 - 1.0 / max(100.0, 10.0 * config.dim / config.batch_size)
+        # h averages N steps of (1/B) Σ r_b x_b, whose signal² / noise² grows as B N / d:
+        # N = input_memory · d / B steps (at least 100), β = 1 − 1/N.
+        input_decay = 1.0 - 1.0 / max(100.0, config.input_memory * config.dim / config.batch_size)
         sampler = LowRankSubspace(
             input_decay=input_decay,
             rank=config.rank,
