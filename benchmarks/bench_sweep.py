@@ -21,6 +21,7 @@ Recorded per configuration:
 * ``peak_bytes``: peak resident memory above the process's baseline (host
   RSS on CPU, the allocator's peak on a GPU) over initialisation and the steps;
   ``peak_ratio`` = peak_bytes / (parameter bytes + batch bytes);
+* the learning rate is 0 (the step does the same work; nothing diverges);
 * a configuration that needs more than ``--memory-limit`` GiB of RSS is
   stopped and recorded as ``out of memory``; a backend without autodiff is
   recorded as ``not applicable`` for first-order and SDGD.
@@ -81,8 +82,10 @@ def measure(backend_name: str, method: str, d: int, problem: str, steps: int, wa
     from sdze_core.keys import fold_in, key
 
     def config(dim):
+        # Learning rate 0: the same work per step, and no run can diverge (ZO-SGD on
+        # full-space perturbations would at some d), so every configuration is timed.
         return SolverConfig(problem, dim, method=method, backend=backend_name, device=device,
-                            steps=warmup + steps, test_points=100)
+                            steps=warmup + steps, test_points=100, learning_rate=0.0)
 
     # The method's code paths on a tiny problem first, so that lazy imports,
     # allocator pools and compilation caches are in the baseline.
