@@ -242,6 +242,8 @@ def main() -> None:
         "machine": platform.platform(),
         "processor": platform.processor(),
         "cpus": os.cpu_count(),
+        "threads": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                                                   "MKL_NUM_THREADS")},
         "python": platform.python_version(),
         "sdze": sdze.__version__,
         "command": " ".join(["python", "benchmarks/" + Path(__file__).name] + sys.argv[1:]),

@@ -16,6 +16,7 @@ def _fmt_bytes(n: float) -> str:
 
 
 def sweep(rows: list) -> str:
+    rows = [r for r in rows if not r["status"].startswith("not applicable")]
     dims = sorted({r["d"] for r in rows})
     keys = sorted({(r["backend"], r["method"]) for r in rows},
                   key=lambda k: (["numpy", "torch", "jax", "cupy"].index(k[0])

@@ -250,9 +250,9 @@ def refresh_ignored(self, state, params, step):
     return state, params, None
 
 
-def draw_bases_ignoring_epoch(self, key, epoch, params):
+def draw_bases_ignoring_epoch(self, key, epoch, params, inputs=None):
     """The mutant: refreshes happen (transitions are reported) but redraw epoch 0's bases."""
-    return ORIGINAL_DRAW_BASES(self, key, 0, params)
+    return ORIGINAL_DRAW_BASES(self, key, 0, params, inputs)
 
 
 def epoch_is_the_step(self, step):
