@@ -324,7 +324,21 @@ class ExactDiagonal(Oracle):
 
 
 @dataclass(frozen=True)
-class SparseLaplacian(Oracle):
+class _SampledCoordinates(Oracle):
+    """Shared by the estimators on V coordinates j_v drawn uniformly without replacement."""
+
+    num_directions: int = 16
+
+    def __post_init__(self):
+        _check_count("num_directions", self.num_directions)
+
+    def sample(self, key, x):
+        """V distinct coordinates j_v, an index array of shape (V,)."""
+        return _sample_coordinates(key, x, self.num_directions)
+
+
+@dataclass(frozen=True)
+class SparseLaplacian(_SampledCoordinates):
     """Δu from 2-jets along V sampled coordinates (SPEC section 3, STDE's sparse estimator).
 
     Estimator::
@@ -345,15 +359,7 @@ class SparseLaplacian(Oracle):
     """
 
     order: ClassVar[int] = 2
-    num_directions: int = 16
     collapse: bool = True
-
-    def __post_init__(self):
-        _check_count("num_directions", self.num_directions)
-
-    def sample(self, key, x):
-        """V distinct coordinates j_v, an index array of shape (V,)."""
-        return _sample_coordinates(key, x, self.num_directions)
 
     def estimate(self, model, params, x, sample, linear=None) -> OperatorEstimate:
         d = _dimension(x)
@@ -362,7 +368,7 @@ class SparseLaplacian(Oracle):
 
 
 @dataclass(frozen=True)
-class NestedAutodiffLaplacian(Oracle):
+class NestedAutodiffLaplacian(_SampledCoordinates):
     """SDGD's Laplacian: the estimator of :class:`SparseLaplacian` by nested autodiff.
 
     Estimator (the same coordinates as :class:`SparseLaplacian` for the same key)::
@@ -384,14 +390,6 @@ class NestedAutodiffLaplacian(Oracle):
     """
 
     order: ClassVar[int] = 2
-    num_directions: int = 16
-
-    def __post_init__(self):
-        _check_count("num_directions", self.num_directions)
-
-    def sample(self, key, x):
-        """V distinct coordinates j_v, an index array of shape (V,) (as SparseLaplacian)."""
-        return _sample_coordinates(key, x, self.num_directions)
 
     def estimate(self, model, params, x, sample, linear=None) -> OperatorEstimate:
         if linear is not None:
@@ -792,7 +790,7 @@ class FirstDerivative(Oracle):
 
 
 @dataclass(frozen=True)
-class SparseGradientNormSquared(Oracle):
+class SparseGradientNormSquared(_SampledCoordinates):
     """‖∇u‖² from 1-jets along V sampled coordinates.
 
     Estimator::
@@ -809,14 +807,6 @@ class SparseGradientNormSquared(Oracle):
     """
 
     order: ClassVar[int] = 1
-    num_directions: int = 16
-
-    def __post_init__(self):
-        _check_count("num_directions", self.num_directions)
-
-    def sample(self, key, x):
-        """V distinct coordinates j_v, an index array of shape (V,)."""
-        return _sample_coordinates(key, x, self.num_directions)
 
     def estimate(self, model, params, x, sample, linear=None) -> OperatorEstimate:
         xp = array_namespace(x)
