@@ -41,6 +41,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from sdze_core.activity import ACTIVITY_OPTIMIZERS, ActivityPerturbation
 from sdze_core.engine import SDZE
 from sdze_core.keys import fold_in, key
 from sdze_core.objectives import ResidualLoss
@@ -91,7 +92,9 @@ class SolverConfig:
     schedule: str | None = None
     adam_b2: float | None = None
     # SDZE only
-    num_queries: int = 5
+    perturbation: str | None = None
+    optimizer: str | None = None
+    num_queries: int | None = None
     eps: float | None = None
     estimator: str = "central"
     rank: int = 8
@@ -113,11 +116,26 @@ class SolverConfig:
         if c.method not in METHODS:
             raise ValueError(f"unknown method {c.method!r}; known: {', '.join(METHODS)}")
         if c.schedule is None:
-            c.schedule = DEFAULT_SCHEDULE[c.method]
+            activity_schedule = c.method == "sdze" and (c.perturbation or DEFAULT_PERTURBATION) == "activity"
+            c.schedule = "linear" if activity_schedule else DEFAULT_SCHEDULE[c.method]
         if c.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {c.schedule!r}")
         if c.estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {c.estimator!r}")
+        if c.perturbation is None:
+            c.perturbation = DEFAULT_PERTURBATION
+        if c.perturbation not in PERTURBATIONS:
+            raise ValueError(
+                f"perturbation must be one of {PERTURBATIONS}, got {c.perturbation!r}"
+            )
+        activity = c.method == "sdze" and c.perturbation == "activity"
+        if c.optimizer is None:
+            c.optimizer = "adafactor" if activity else "adam"
+        allowed = tuple(ACTIVITY_OPTIMIZERS) if activity else ("adam",)
+        if c.optimizer not in allowed:
+            raise ValueError(f"optimizer must be one of {allowed} here, got {c.optimizer!r}")
+        if c.num_queries is None:
+            c.num_queries = 1 if activity else 5
         for name in ("dim", "width", "depth", "batch_size", "num_directions", "num_queries",
                      "rank", "refresh_every"):
             value = getattr(c, name)
@@ -127,9 +145,11 @@ class SolverConfig:
         if c.steps is None:
             c.steps = DEFAULT_STEPS[c.method]
         if c.learning_rate is None:
-            c.learning_rate = DEFAULT_LEARNING_RATE[c.method]
+            c.learning_rate = (
+                DEFAULT_ACTIVITY_LEARNING_RATE if activity else DEFAULT_LEARNING_RATE[c.method]
+            )
         if c.adam_b2 is None:
-            c.adam_b2 = DEFAULT_ADAM_B2[c.method]
+            c.adam_b2 = 0.99 if activity else DEFAULT_ADAM_B2[c.method]
         if not 0.0 <= c.adam_b2 < 1.0:
             raise ValueError(f"adam_b2 must be in [0, 1), got {c.adam_b2!r}")
         if c.eval_every is None:
@@ -151,6 +171,12 @@ class SolverConfig:
             raise ValueError(f"unknown solver settings: {', '.join(sorted(unknown))}")
         return cls(**data)
 
+
+#: How SDZE perturbs: "activity" (per-sample activity perturbations) or
+#: "subspace" (low-rank weight perturbations); see docs/sdze.md.
+PERTURBATIONS = ("activity", "subspace")
+DEFAULT_PERTURBATION = "activity"
+DEFAULT_ACTIVITY_LEARNING_RATE = 1e-3
 
 #: Defaults per method (see docs/tutorial.md for how they were chosen).
 DEFAULT_STEPS = {m: 3000 for m in METHODS}
@@ -231,6 +257,15 @@ def build(config: SolverConfig, backend=None) -> Run:
             eps=config.eps, num_queries=config.num_queries, crns=True, estimator=config.estimator
         )
         method = SDZE(perturber, FullGaussian(), zo_sgd(_schedule(config)))
+    elif config.method == "sdze" and config.perturbation == "activity":
+        optimizer = ACTIVITY_OPTIMIZERS[config.optimizer]
+        if config.optimizer == "sgd":
+            opt = optimizer(_schedule(config))
+        else:
+            opt = optimizer(_schedule(config), b2=config.adam_b2)
+        method = ActivityPerturbation(
+            opt, eps=config.eps, estimator=config.estimator, num_queries=config.num_queries
+        )
     else:
         perturber = CRNSPerturber(
             eps=config.eps,
