@@ -1,4 +1,4 @@
-"""The baselines the benchmarks compare against (SPEC section 7): SDGD's nested-autodiff
+"""The baselines the benchmarks compare against (docs/method.md#baselines): SDGD's nested-autodiff
 Laplacian and the solver's methods that use it or the full-space ZO sampler."""
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""The first-order baseline (SPEC section 7): backend autodiff through the jet oracles,
+"""The first-order baseline (docs/method.md#baselines): backend autodiff through the jet oracles,
 and Adam on the exact gradient of the step's stochastic loss.
 
 Problems: u = g(x) N(x) with N an MLP (d, 16, 16, 1); on the ball the residual
