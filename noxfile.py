@@ -83,7 +83,7 @@ def tests(session: nox.Session, backend: str) -> None:
 @nox.session
 @nox.parametrize("backend", BACKENDS)
 def conformance(session: nox.Session, backend: str) -> None:
-    """The guarantees of SPEC, checked on one backend (CPU)."""
+    """The conformance suite (docs/conformance.md), checked on one backend (CPU)."""
     install(session, backend)
     run_pytest(session, "conformance", backend, None)
 

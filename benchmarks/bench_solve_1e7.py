@@ -15,7 +15,7 @@ STDE's network (4 hidden tanh layers of width 128: 1.28·10^9 parameters,
   the metrics the solver wrote (loss, errors) and the checkpoint's size
   (the checkpoint is deleted afterwards unless ``--keep``).
 
-How it fits (SPEC sections 4 and 5): the parameters are the only P-sized
+How it fits (docs/method.md#crns, #subspace-perturbations): the parameters are the only P-sized
 arrays (no gradient, no moments: ZO-Adam's state is r × r per layer); the
 batch is the only (B × d) array: it is rescaled into the ball in place, its
 ‖x‖² is a batched matmul, the forcing is accumulated over blocks of 2^16

@@ -10,7 +10,7 @@ d → 128 → 128 → 128 → 128 → 1, B points and V sampled coordinates:
 * ``estimate_s``: median time of one ``SparseLaplacian(V)`` estimate, with the
   collapsed top order (``collapse=True``) or without, in separate processes;
 * ``extra_per_point_s`` = (estimate − forward) / B: what the estimator adds to
-  the primal per point. SPEC section 2 says it does not grow with d (the
+  the primal per point. docs/method.md#jets says it does not grow with d (the
   tangents are the gathered columns W[:, j], O(h V)); this shows it;
 * ``extra_peak_bytes``: peak memory of the first estimate in a fresh process
   above the memory held before it (parameters and points), and per point.

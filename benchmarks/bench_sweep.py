@@ -1,4 +1,6 @@
-"""Speed and memory of every method against d, side by side in one run (issue 7, SPEC 7).
+"""Speed and memory of every method against d, side by side in one run.
+
+Issue 7; the methods are those of docs/method.md#baselines.
 
 For each backend, method and dimension d, in a fresh subprocess (so the peak
 is the configuration's own), the solver's own run (``sdze.solver.build``:

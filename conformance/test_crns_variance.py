@@ -1,4 +1,4 @@
-"""Guarantee: CRNS cancels the O(1/ε²) variance of zeroth-order estimates (SPEC section 4).
+"""Guarantee: CRNS cancels the O(1/ε²) variance of zeroth-order estimates (docs/method.md#crns).
 
 On a small Allen–Cahn-type PINN (d = 8, a 16-16 tanh ansatz, B = 8 points,
 a sparse Laplacian with V = 2 sampled dimensions, so the spatial noise is

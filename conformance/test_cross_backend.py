@@ -1,4 +1,5 @@
-"""Guarantee: the same inputs give the same outputs on every backend (SPEC: "identically").
+"""Guarantee: the same inputs give the same outputs on every backend ("identically",
+docs/method.md#the-problem).
 
 Every computation below is run twice in one process: on NumPy (the
 reference) and on the backend under test, both in float64 with portable

@@ -1,6 +1,6 @@
 """Guarantee: every spatial estimator is unbiased, and the exact ones equal nested autodiff.
 
-Jet oracles (SPEC section 3): exact values, unbiasedness, determinism,
+Jet oracles (docs/method.md#oracles): exact values, unbiasedness, determinism,
 residual losses. Exact oracles match the references to 1e-10 relative to
 max(1, |reference|) in float64 (``RTOL``).
 

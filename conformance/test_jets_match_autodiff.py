@@ -1,4 +1,4 @@
-"""Guarantee: Taylor-mode jets equal jax.experimental.jet (SPEC section 2).
+"""Guarantee: Taylor-mode jets equal jax.experimental.jet (docs/method.md#jets).
 
 Tolerances, relative to the largest reference entry: 1e-12 in float64,
 1e-4 in float32 (``RTOL64``, ``RTOL32``). The networks' jets and the exact

@@ -1,4 +1,5 @@
-"""Guarantee: lazy basis refresh, seed replay and exact restore (SPEC sections 4-5).
+"""Guarantee: lazy basis refresh, seed replay and exact restore (docs/method.md#crns,
+#subspace-perturbations).
 
 All checks are exact (bitwise, ``assert_array_equal`` on host copies) unless a
 tolerance is stated, on a small PINN: an MLP (3, 8, 8, 1) (weights 8 × 3,

@@ -7,7 +7,7 @@ and asserts that the check raises ``AssertionError``. Each mutation has a
 control: the same check passes on the unmutated implementation, so the
 failure is the mutation's doing.
 
-* **CRNS** (SPEC section 4): ``CRNSPerturber.estimate`` with ``crns=True`` but
+* **CRNS** (docs/method.md#crns): ``CRNSPerturber.estimate`` with ``crns=True`` but
   the minus side evaluated on a ξ drawn from another spatial key. The checks
   are the real ones of ``test_crns_variance.py`` (its functions
   ``test_crns_second_moment_is_flat_in_eps`` and
@@ -16,13 +16,13 @@ failure is the mutation's doing.
   The passing bound is |M2(ε)/M2(0) − 1| ≤ 1e-2 for ε ≤ 1e-2; the mutant's
   M2(1e-4)/M2(0) must exceed 100 (measured 2.2e5: the redrawn ξ leaves an O(1)
   difference ℓ(θ; ξ⁺) − ℓ(θ; ξ⁻) in front of 1/(2ε)).
-* **Orthonormal bases** (SPEC section 5): the QR that makes the bases U, V
+* **Orthonormal bases** (docs/method.md#subspace-perturbations): the QR that makes the bases U, V
   returns the unnormalized Gaussian matrix, or 1.1 Q. Checks: UᵀU = I and
   VᵀV = I to 1e-12 (float64), by :func:`check_orthonormal_bases` and by the
   real ``test_subspace_orthogonality.test_bases_are_orthonormal``.
   Measured max |UᵀU − I| under the mutants: 17.9 (unnormalized), 0.21 (scaled).
-* **Lazy refresh** (SPEC section 5): bases never refreshed (``refresh`` ignored),
-  refreshed but redrawn from the same key (they never change), or redrawn at
+* **Lazy refresh** (docs/method.md#subspace-perturbations): bases never refreshed
+  (``refresh`` ignored), refreshed but redrawn from the same key (they never change), or redrawn at
   every step. Check: the bases are bit-identical for T steps and change (by
   more than 1e-3) at every multiple of T, with a transition reported exactly
   then; through the sampler (:func:`check_lazy_refresh`) and through SDZE

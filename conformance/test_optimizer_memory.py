@@ -1,4 +1,5 @@
-"""Guarantee: the optimizer's memory is O(1) in the number of parameters P (SPEC section 5).
+"""Guarantee: the optimizer's memory is O(1) in the number of parameters P
+(docs/method.md#subspace-perturbations).
 
 For MLPs (d, 32, 1) with d = 10, 1 000 and 100 000 (P = 385, 32 065 and
 3 200 065: P grows 8 300-fold) in float32, an SDZE engine with the low-rank

@@ -1,5 +1,5 @@
 """Guarantee: low-rank perturbations live in an orthonormal subspace and have the
-moments of SPEC section 5.
+moments of docs/method.md#subspace-perturbations.
 
 For every weight W (m × n) the sampler draws orthonormal U (m × r), V (n × r)
 (r = min(rank, m, n)) and Z = c U S Vᵀ, S ~ N(0, I_{r×r}), c = sqrt(m n) / r;
@@ -43,8 +43,9 @@ biases get z_b ~ N(0, I_m). Checked on every backend:
       E‖ĝ‖² = tr(Λ²) ‖ΛBᵀ∇ℓ‖² + 2 ‖Λ²Bᵀ∇ℓ‖²,
       E‖ĝ_W‖² = (r² + 2) c⁴ ‖Bᵀ∇_W ℓ‖² + r² c² ‖∇_b ℓ‖²   (the weight block),
 
-  which are SPEC's c² B Bᵀ∇ℓ and (k + 2) c⁴ ‖Bᵀ∇ℓ‖² when Λ = c I: with
-  ∇_b ℓ = 0 (C centred) the weight block is SPEC's formula verbatim with
+  which are the c² B Bᵀ∇ℓ and (k + 2) c⁴ ‖Bᵀ∇ℓ‖² of docs/method.md#subspace-perturbations
+  when Λ = c I: with
+  ∇_b ℓ = 0 (C centred) the weight block is the formula of docs/method.md verbatim with
   k = r² = 4; with ∇_b ℓ ≠ 0 the general forms are checked. N = 40 000
   queries (one ``draw``); the mean is ``sampler.project`` of all of them
   (the estimator the engine uses, with q = N). Bounds: every coordinate of
@@ -281,7 +282,7 @@ def test_zo_estimate_moments(backend, bias_gradient):
     weight_moment = c**4 * (k_W + 2) * a_W + c * c * k_W * a_b
     if not bias_gradient:
         assert a_b == pytest.approx(0.0, abs=1e-20)
-        # SPEC's form verbatim: (k + 2) c⁴ ‖Bᵀ∇ℓ‖², B = V ⊗ U, k = r².
+        # docs/method.md's form verbatim: (k + 2) c⁴ ‖Bᵀ∇ℓ‖², B = V ⊗ U, k = r².
         assert weight_moment == pytest.approx((k_W + 2) * c**4 * a_W, rel=1e-14)
     # The whole vector: tr(Λ²) ‖ΛBᵀ∇ℓ‖² + 2 ‖Λ²Bᵀ∇ℓ‖².
     total_moment = (c * c * k_W + M) * (c * c * a_W + a_b) + 2 * (c**4 * a_W + a_b)

@@ -1,5 +1,5 @@
-"""The SDZE training step (SPEC sections 4-5): keys, CRNS estimates, NaN safety, merging,
-and a short training run, on every backend in float64.
+"""The SDZE training step (docs/method.md#crns, #subspace-perturbations): keys, CRNS
+estimates, NaN safety, merging, and a short training run, on every backend in float64.
 
 The problem: u = (1 − ‖x‖²) N(x) on the ball in d = 6, the residual
 Δu − F(u, x) with F = u²/2 + x₁ − 2d, Δu by a sparse Laplacian on 4 coordinates.

@@ -1,5 +1,5 @@
-"""Zeroth-order optimizers and schedules (SPEC section 5): values against hand-written
-recursions, refresh handling, and O(1)-in-P state."""
+"""Zeroth-order optimizers and schedules (docs/method.md#subspace-perturbations): values
+against hand-written recursions, refresh handling, and O(1)-in-P state."""
 
 import math
 

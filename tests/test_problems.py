@@ -1,4 +1,5 @@
-"""Benchmark problems (SPEC section 6): closed-form forcing against the exact operator on u*.
+"""Benchmark problems (docs/method.md#benchmark-problems): closed-form forcing against the
+exact operator on u*.
 
 Two independent references for (L u*)(x) at small d, float64:
 

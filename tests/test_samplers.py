@@ -1,4 +1,5 @@
-"""Perturbation samplers (SPEC section 5): bases, draws, the matrix-free hook, updates.
+"""Perturbation samplers (docs/method.md#subspace-perturbations): bases, draws, the
+matrix-free hook, updates.
 
 Every test runs on every installed backend (the ``backend`` fixture). The
 references are dense computations on NumPy copies: the perturbed parameters

@@ -14,7 +14,7 @@ writes into its output folder
   peak memory, the final errors and the status;
 * ``loss.png``, ``error.png`` — the loss and the errors against the step.
 
-Methods (SPEC sections 4, 5 and 7):
+Methods (docs/method.md#crns, #subspace-perturbations, #baselines):
 
 * ``sdze``: CRNS zeroth-order estimates with low-rank subspace
   perturbations and ZO-Adam in subspace coordinates (forward passes only);

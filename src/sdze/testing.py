@@ -7,7 +7,8 @@ third party through the ``sdze.backends`` entry point:
 
 * ``--backend NAME`` (repeatable, or ``SDZE_TEST_BACKENDS=a,b``) restricts
   the run, e.g. ``pytest conformance --backend mylib``;
-* ``--device cuda`` runs on a GPU;
+* ``--device cuda`` runs the backends under test on a GPU (tests that build a
+  backend by name ask :func:`device_for` which device that backend gets);
 * a backend that cannot run here is skipped with the reason (library not
   installed, no CUDA device), never silently;
 * ``@pytest.mark.skip_backends("cupy", reason="...")`` skips named backends
@@ -24,6 +25,7 @@ from sdze_core.models import default_linear
 from sdze_core.registry import BackendNotAvailableError, known_backends, make_backend
 
 _cache: dict = {}
+_session: dict = {"device": None, "backends": ()}
 
 
 def pytest_addoption(parser):
@@ -41,6 +43,8 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "skip_backends(*names, reason): skip these sdze backends, saying why"
     )
+    _session["device"] = config.getoption("--device")
+    _session["backends"] = tuple(selected_backends(config))
 
 
 def selected_backends(config) -> list[str]:
@@ -56,13 +60,29 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("backend", names, indirect=True, ids=names)
 
 
+def device_for(name: str):
+    """The ``--device`` of this run if backend ``name`` is under test, else ``None``.
+
+    For tests parametrized over backend names rather than the ``backend``
+    fixture: ``get_test_backend(name, device=device_for(name))`` puts the
+    backends under test on the device asked for and leaves the others (a
+    reference, say) on their default device.
+    """
+    return _session["device"] if name in _session["backends"] else None
+
+
 def get_test_backend(name: str, device=None, dtype=None):
-    """Build (once) the backend under test, or skip the test saying why."""
+    """Build (once) the backend under test, or skip the test saying why
+    (library missing, no such device: a NumPy backend asked for ``cuda``)."""
     cache_key = (name, device, dtype)
     if cache_key not in _cache:
         try:
             _cache[cache_key] = make_backend(name, device=device, dtype=dtype)
         except (BackendNotAvailableError, RuntimeError) as exc:
+            _cache[cache_key] = exc
+        except ValueError as exc:  # the backend has no such device
+            if device is None:
+                raise
             _cache[cache_key] = exc
     found = _cache[cache_key]
     if isinstance(found, Exception):

@@ -169,7 +169,7 @@ class Backend(ABC):
 
     def hessian_diagonal(self, fn: Callable, x, index) -> tuple:
         """``(fn(x), H)`` with H[v, b] = ∂²fn/∂x_j² at row b of x, j = index[v], by nested
-        reverse-mode autodiff (the SDGD baseline, SPEC section 7).
+        reverse-mode autodiff (the SDGD baseline, docs/method.md#baselines).
 
         ``fn`` maps points (B, d) to values (B,), each row independently. The
         result stays differentiable with respect to whatever ``fn`` closes

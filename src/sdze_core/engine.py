@@ -1,4 +1,5 @@
-"""The SDZE training step: CRNS perturber + sampler + optimizer (SPEC sections 4-5).
+"""The SDZE training step: CRNS perturber + sampler + optimizer (docs/method.md#crns,
+#subspace-perturbations).
 
 One step t, with the run's key k::
 

@@ -1,4 +1,4 @@
-"""The first-order baseline: STDE with back-propagation and Adam (SPEC section 7).
+"""The first-order baseline: STDE with back-propagation and Adam (docs/method.md#baselines).
 
 The same jet oracle and loss as SDZE, but the gradient ∇_θ ℓ(θ; ξ_t) comes
 from the backend's own reverse-mode autodiff (``torch.autograd``,
@@ -81,7 +81,7 @@ class FirstOrderAdam:
 
     Kingma & Ba's Adam with bias correction, elementwise over all P
     parameters (the state holds 2P numbers, unlike SDZE's O(1) in P). The
-    defaults are STDE's setting (SPEC section 7): η = 1e-3 decayed linearly
+    defaults are STDE's setting (docs/method.md#benchmark-problems): η = 1e-3 decayed linearly
     to 0 over 10 000 steps, b1 = 0.9, b2 = 0.999, eps = 1e-8.
 
     Parameters

@@ -1,4 +1,4 @@
-"""Univariate Taylor-mode jets (SPEC section 2).
+"""Univariate Taylor-mode jets (docs/method.md#jets).
 
 A jet of f along a curve x(t) = x_0 + x_1 t + x_2 t^2/2! + ... + x_K t^K/K! is
 (f_0, f_1, ..., f_K) with f_k = d^k/dt^k f(x(t)) at t = 0 (the convention of
@@ -70,7 +70,7 @@ __all__ = [
 class Jet(NamedTuple):
     """A truncated Taylor jet: ``primal`` = f_0 and ``coeffs`` = (f_1, ..., f_K).
 
-    f_k = d^k/dt^k f(x(t)) at t = 0 (SPEC section 2). A coefficient may be
+    f_k = d^k/dt^k f(x(t)) at t = 0 (docs/method.md#jets). A coefficient may be
     ``None`` (an exact zero) and may carry leading direction axes in excess of
     the primal's. A jet is a NamedTuple, hence a JAX pytree.
     """
@@ -203,7 +203,7 @@ def coordinate_jet(primal, columns, order: int, collapse: bool = False) -> Jet:
 
     For y = W x + b along x(t) = x_0 + t e_j: y_0 = W x_0 + b is given as
     ``primal``, y_1 = W e_j = W[:, j] is the gathered column, and y_k = 0 for
-    k >= 2 (SPEC section 2, sparse tangents). No (V, d) one-hot is formed.
+    k >= 2 (docs/method.md#jets, sparse tangents). No (V, d) one-hot is formed.
 
     Parameters
     ----------
@@ -282,7 +282,7 @@ def _faa_di_bruno_terms(k: int) -> tuple:
 
 
 def compose(jet: Jet, derivs: Sequence) -> Jet:
-    """Jet of φ(x) for an elementwise φ, by Faà di Bruno's formula (SPEC section 2).
+    """Jet of φ(x) for an elementwise φ, by Faà di Bruno's formula (docs/method.md#jets).
 
     y_0 = φ(x_0) and, for k >= 1,
 

@@ -6,8 +6,8 @@ per layer, arrays of the backend. Every model offers
 * ``init(key, backend)``: parameters drawn from a :class:`~sdze_core.keys.Key`;
 * ``apply(params, x, linear=None)``: the output for points x of shape (B, d);
 * ``jet(params, x, directions, order, collapse=False, linear=None)``: the
-  Taylor jet of the output along directions (SPEC section 2), from which the
-  estimators of SPEC section 3 are built.
+  Taylor jet of the output along directions (docs/method.md#jets), from which the
+  estimators of docs/method.md#oracles are built.
 
 ``directions`` is either an integer index array j of shape (V,) (coordinate
 directions e_j: the first layer gathers W[:, j], O(h V) work whatever d is) or
@@ -18,7 +18,7 @@ weights never have to be formed. It is called as
 ``linear(layer_index, layer_params, x, is_primal)`` and must return
 ``x (W + ΔW)ᵀ + b`` when ``is_primal`` and ``x (W + ΔW)ᵀ`` otherwise, for x with
 any leading axes (jet coefficients carry direction axes). The SDZE engine
-passes one that adds ε c U (S (Vᵀ x)) to the default x Wᵀ (SPEC section 5),
+passes one that adds ε c U (S (Vᵀ x)) to the default x Wᵀ (docs/method.md#subspace-perturbations),
 for all its perturbed copies at once: the first layer's hook returns a new
 leading query axis (B, d) -> (Q, B, h) (after any direction axes), which the
 later layers, the output (Q, B) and the ansatz carry along.
@@ -143,7 +143,7 @@ class MLP:
         collapse: bool = False,
         linear: LinearHook | None = None,
     ) -> jets.Jet:
-        """Jet of the output along x(t) = x + t v for each direction v (SPEC section 2).
+        """Jet of the output along x(t) = x + t v for each direction v (docs/method.md#jets).
 
         Parameters
         ----------
@@ -197,7 +197,7 @@ BOUNDARIES = ("ball", "annulus")
 
 @dataclass(frozen=True)
 class Ansatz:
-    """PINN ansatz u(x) = g(x) N(x) with a boundary factor g (SPEC section 6).
+    """PINN ansatz u(x) = g(x) N(x) with a boundary factor g (docs/method.md#benchmark-problems).
 
     * ``"ball"``: g = 1 − ‖x‖², zero on the unit sphere;
     * ``"annulus"``: g = (1 − ‖x‖²)(4 − ‖x‖²), zero on ‖x‖ = 1 and ‖x‖ = 2.

@@ -1,7 +1,7 @@
 """PINN losses as functions of the parameters and the step's spatial randomness ξ.
 
 A zeroth-order step evaluates one loss ℓ(θ; ξ) at many perturbed parameters
-with the same ξ (CRNS, SPEC section 4). :class:`ResidualLoss` therefore
+with the same ξ (CRNS, docs/method.md#crns). :class:`ResidualLoss` therefore
 splits the draw of ξ (collocation points and the oracle's directions,
 :meth:`ResidualLoss.sample`) from the evaluation (:meth:`ResidualLoss.__call__`),
 which is deterministic given ξ and accepts a linear hook that evaluates a
@@ -32,7 +32,7 @@ class SpatialSample(NamedTuple):
 
 @dataclass(frozen=True)
 class ResidualLoss:
-    """ℓ(θ; ξ) = (1/B) Σ_b r̂_b², the mean squared PDE residual (SPEC section 3).
+    """ℓ(θ; ξ) = (1/B) Σ_b r̂_b², the mean squared PDE residual (docs/method.md#oracles).
 
     For an equation L u = F(u, x) + f(x), r̂ = L̂u − F(u, x) − f(x) with L̂ the
     oracle's estimate. The forcing f is evaluated once per ξ, when the points

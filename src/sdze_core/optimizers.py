@@ -1,4 +1,5 @@
-"""Zeroth-order optimizers with O(1) state in P, optax-style (SPEC section 5).
+"""Zeroth-order optimizers with O(1) state in P, optax-style
+(docs/method.md#subspace-perturbations).
 
 An optimizer is a pair of pure functions with explicit state::
 

@@ -1,4 +1,4 @@
-"""Jet oracles: unbiased estimates of (L u)(x) from Taylor jets (SPEC section 3).
+"""Jet oracles: unbiased estimates of (L u)(x) from Taylor jets (docs/method.md#oracles).
 
 An oracle turns a model, its parameters and a batch of points x (B, d) into
 an :class:`OperatorEstimate`: the model output u(x) and an estimate of
@@ -7,7 +7,7 @@ randomness ξ; exact ones (the references for small d) are deterministic.
 
 The randomness is drawn and used in two steps, so that a zeroth-order trainer
 can draw ξ once per step and reuse it for the +ε and −ε evaluations (CRNS,
-SPEC section 4)::
+docs/method.md#crns)::
 
     xi = oracle.sample(key, x)                      # directions or indices
     plus = oracle.estimate(model, params, x, xi, linear=hook_plus)
@@ -19,7 +19,7 @@ point's estimate is unbiased, the points' errors are correlated.
 
 Notation: u_i = ∂u/∂x_i, u_ii = ∂²u/∂x_i², u_iiii = ∂⁴u/∂x_i⁴,
 u_iikk = ∂⁴u/∂x_i²∂x_k², D^k u[v] = D^k u(x)[v, ..., v] (the k-th coefficient
-of the jet of u along x + t v, SPEC section 2).
+of the jet of u along x + t v, docs/method.md#jets).
 
 Cost. Along a coordinate direction e_j the network's first layer is the
 gather W[:, j] (``model.jet`` with an integer index array), so the sparse
@@ -27,7 +27,7 @@ oracles cost O(h V) per point and order for the first layer, whatever d is,
 on top of the primal x Wᵀ that every forward pass pays. Dense directions
 (Hutchinson, the dense biharmonic, the trace operator) cost O(h V d). With
 ``collapse=True`` the top Taylor coefficient is propagated already summed
-over the directions (SPEC section 2): it costs one vector instead of V.
+over the directions (docs/method.md#jets): it costs one vector instead of V.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ class OperatorEstimate(NamedTuple):
 
 
 class Oracle(ABC):
-    """Unbiased estimate of (L u)(x) per point from Taylor jets (SPEC section 3).
+    """Unbiased estimate of (L u)(x) per point from Taylor jets (docs/method.md#oracles).
 
     Subclasses implement :meth:`sample` (the spatial randomness ξ, drawn from
     the key only) and :meth:`estimate` (a deterministic function of the
@@ -244,7 +244,7 @@ def _pair_polarization_sum(model, params, x, i, k, collapse, linear):
 
 @dataclass(frozen=True)
 class SparseDiagonal(Oracle):
-    """Σ_i ∂^k u/∂x_i^k from k-jets along V sampled coordinates (SPEC section 3).
+    """Σ_i ∂^k u/∂x_i^k from k-jets along V sampled coordinates (docs/method.md#oracles).
 
     Estimator::
 
@@ -289,7 +289,7 @@ class SparseDiagonal(Oracle):
 
 @dataclass(frozen=True)
 class ExactDiagonal(Oracle):
-    """Σ_i ∂^k u/∂x_i^k exactly, from k-jets along all d coordinates (SPEC section 3).
+    """Σ_i ∂^k u/∂x_i^k exactly, from k-jets along all d coordinates (docs/method.md#oracles).
 
     The reference for small d: :class:`SparseDiagonal` with V = d. Costs
     O(h d) per point and order.
@@ -339,7 +339,7 @@ class _SampledCoordinates(Oracle):
 
 @dataclass(frozen=True)
 class SparseLaplacian(_SampledCoordinates):
-    """Δu from 2-jets along V sampled coordinates (SPEC section 3, STDE's sparse estimator).
+    """Δu from 2-jets along V sampled coordinates (docs/method.md#oracles, STDE's sparse estimator).
 
     Estimator::
 
@@ -378,7 +378,7 @@ class NestedAutodiffLaplacian(_SampledCoordinates):
     with each ∂²u/∂x_j² computed by reverse mode through the gradient ∇u
     (:meth:`Backend.hessian_diagonal <sdze_core.backend.Backend.hessian_diagonal>`),
     as stochastic dimension gradient descent (SDGD, Hu et al.) does. It is the
-    baseline of SPEC section 7: the same numbers as the jet oracle, at O(V B d)
+    baseline of docs/method.md#baselines: the same numbers as the jet oracle, at O(V B d)
     memory and O(V) backward passes instead of O(h V) per point. Autodiff
     backends only (torch, jax), and only the plain network: an SDZE
     perturbation hook is refused.
@@ -455,7 +455,7 @@ class _DenseTangentOracle(Oracle):
 
 @dataclass(frozen=True)
 class HutchinsonLaplacian(_DenseTangentOracle):
-    """Δu by Hutchinson's trace estimator on dense tangents (SPEC section 3).
+    """Δu by Hutchinson's trace estimator on dense tangents (docs/method.md#oracles).
 
     Estimator::
 
@@ -487,7 +487,7 @@ class HutchinsonLaplacian(_DenseTangentOracle):
 
 @dataclass(frozen=True)
 class DenseBiharmonic(_DenseTangentOracle):
-    """Δ²u from 4-jets along Gaussian tangents (SPEC section 3).
+    """Δ²u from 4-jets along Gaussian tangents (docs/method.md#oracles).
 
     Estimator::
 
@@ -521,7 +521,7 @@ class DenseBiharmonic(_DenseTangentOracle):
 
 @dataclass(frozen=True)
 class SparseBiharmonic(Oracle):
-    """Δ²u from sampled coordinate pairs by polarization (SPEC section 3).
+    """Δ²u from sampled coordinate pairs by polarization (docs/method.md#oracles).
 
     Δ²u = Σ_i u_iiii + 2 Σ_{i<k} u_iikk, and for i ≠ k (the odd terms cancel)::
 
@@ -626,7 +626,7 @@ class ExactBiharmonic(Oracle):
 
 @dataclass(frozen=True, eq=False)
 class TraceOperator(Oracle):
-    """tr(A ∇²u) with A = σ σᵀ given by its factor σ, or a symmetric A (SPEC section 3).
+    """tr(A ∇²u) with A = σ σᵀ given by its factor σ, or a symmetric A (docs/method.md#oracles).
 
     A factor σ (d × m) with columns σ_1..σ_m gives, exactly
     (``num_directions=None``) and by sampling::
@@ -829,7 +829,7 @@ def residual(
     rhs_fn: Callable[[Any, Any], Any],
     linear=None,
 ):
-    """The estimated PDE residual per point, r̂ = L̂u − rhs_fn(u, x) (SPEC section 3).
+    """The estimated PDE residual per point, r̂ = L̂u − rhs_fn(u, x) (docs/method.md#oracles).
 
     For an equation written L u = F(u, x), ``rhs_fn(u, x)`` returns F at the
     points (shape (B,)), given the model output u (B,) and x (B, d). Since
@@ -866,7 +866,7 @@ def squared_residual_loss(
     unbiased: bool = False,
     linear=None,
 ):
-    """Mean squared residual over the points, plain or unbiased (SPEC section 3).
+    """Mean squared residual over the points, plain or unbiased (docs/method.md#oracles).
 
     * ``unbiased=False``: (1/B) Σ_b r̂_b², with r̂ = :func:`residual` drawn
       from ``key``. Its mean is (1/B) Σ_b (r_b² + Var r̂_b): biased upwards

@@ -1,4 +1,4 @@
-"""Zeroth-order gradient estimators with common random numbers (SPEC section 4).
+"""Zeroth-order gradient estimators with common random numbers (docs/method.md#crns).
 
 :class:`CRNSPerturber` turns a loss ℓ(θ; ξ), the step's spatial key and q
 perturbation directions z_i into q projected gradients
@@ -111,7 +111,7 @@ def default_eps(dtype_name: str) -> float:
 
 @dataclass(frozen=True)
 class CRNSPerturber:
-    """Zeroth-order projected gradients with common random numbers (SPEC section 4).
+    """Zeroth-order projected gradients with common random numbers (docs/method.md#crns).
 
     Parameters
     ----------

@@ -1,4 +1,5 @@
-"""Benchmark PDEs with exact solutions and closed-form forcing (SPEC section 6, STDE's suite).
+"""Benchmark PDEs with exact solutions and closed-form forcing (STDE's suite,
+docs/method.md#benchmark-problems).
 
 Every problem has an exact solution u* = g(x) s(x): a boundary factor g that
 vanishes on the domain's boundary times a sum of few-variable terms
@@ -102,7 +103,7 @@ class TermSum(ABC):
 
 
 class TwoBody(TermSum):
-    """φ(a, b) = sin(a + cos b + b cos a) (SPEC section 6)."""
+    """φ(a, b) = sin(a + cos b + b cos a) (docs/method.md#benchmark-problems)."""
 
     arity: ClassVar[int] = 2
     name: ClassVar[str] = "two-body"
@@ -133,7 +134,7 @@ class TwoBody(TermSum):
 
 
 class ThreeBody(TermSum):
-    """φ(a, b, c) = exp(abc) (SPEC section 6).
+    """φ(a, b, c) = exp(abc) (docs/method.md#benchmark-problems).
 
     With p = abc, n = a² + b² + c², Q = b²c² + a²c² + a²b² (and x·∇p = 3p,
     x·∇Q = 4Q, ΔQ = 4n, ∇Q·∇p = 4pn): x·∇φ = 3pφ, Δφ = Qφ,
@@ -267,7 +268,7 @@ _SAMPLERS = {"ball": sample_ball, "annulus": sample_annulus}
 
 @dataclass(frozen=True, eq=False)
 class Problem:
-    """A benchmark PDE in dimension d with its exact solution (SPEC section 6).
+    """A benchmark PDE in dimension d with its exact solution (docs/method.md#benchmark-problems).
 
     Build one with :func:`make_problem`. The coefficients c live on the
     problem's backend (``c.shape == (d − arity + 1,)``).

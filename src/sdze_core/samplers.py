@@ -1,4 +1,5 @@
-"""Perturbation samplers: the directions z of zeroth-order training (SPEC section 5).
+"""Perturbation samplers: the directions z of zeroth-order training
+(docs/method.md#subspace-perturbations).
 
 A sampler decides what a perturbation z of the parameters looks like, and
 applies it without ever forming a P-sized array where it can avoid one:
@@ -368,7 +369,7 @@ class LowRankSubspace(Sampler):
     V (n × r_l) are the Q factors of QR decompositions of Gaussian matrices,
     drawn from the epoch's key and kept for T steps; every query draws
     S ~ N(0, I) of shape r_l × r_l, and Z = c U S Vᵀ with c = sqrt(m n) / r_l,
-    so E‖Z‖_F² = m n as for a full Gaussian (SPEC section 5). Biases get
+    so E‖Z‖_F² = m n as for a full Gaussian (docs/method.md#subspace-perturbations). Biases get
     z_b ~ N(0, I_m). The subspace dimension is k = Σ_l (r_l² + m_l).
 
     The perturbed forward pass is matrix-free: (W + s Z) x = W x + s c U (S (Vᵀ x)),
@@ -687,7 +688,7 @@ class FullGaussian(Sampler):
     Each weight perturbation is a dense (m × n) Gaussian, so a step holds q
     P-sized arrays while it evaluates the queries; the update regenerates
     them one query at a time from their keys (seed replay). The variance of
-    the estimate grows with P (SPEC section 5): this sampler is the baseline
+    the estimate grows with P (docs/method.md#subspace-perturbations): this sampler is the baseline
     the subspace is measured against, not a default.
     """
 

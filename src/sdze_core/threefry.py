@@ -5,7 +5,7 @@ maps a 64-bit key and a 64-bit counter to 64 pseudo-random bits with 20
 rounds of add/rotate/xor on two 32-bit words. Being a pure function of
 (key, counter) it needs no state, so the same key yields the same bits on
 every backend: this module is the *portable* mode of :mod:`sdze_core.random`
-(SPEC section 1 "keys"; issue "Foundation", item 3).
+(docs/keys.md; issue "Foundation", item 3).
 
 One implementation serves three word representations:
 

@@ -58,7 +58,7 @@ class TestSet:
     ``fold_in(key, i)``: the same points on every backend, so errors of runs
     on different backends are comparable.
 
-    The errors (SPEC section 6)::
+    The errors (docs/method.md#benchmark-problems)::
 
         rel_l2   = ‖u_θ − u*‖₂ / ‖u*‖₂,   rel_linf = max |u_θ − u*| / max |u*|
 
