@@ -72,11 +72,13 @@ def setup(problem: str, dim: int, backend_name: str, method: str, steps: int, se
     backend = make_backend(backend_name, dtype="float32")
     if problem in PROBLEMS:
         if method == "subspace":
-            config = SolverConfig(problem, dim, backend=backend_name, steps=steps,
-                                  perturbation="subspace")
+            config = SolverConfig(
+                problem, dim, backend=backend_name, steps=steps, perturbation="subspace"
+            )
         else:
-            config = SolverConfig(problem, dim, backend=backend_name, steps=steps,
-                                  method="first-order")
+            config = SolverConfig(
+                problem, dim, backend=backend_name, steps=steps, method="first-order"
+            )
         run = build(config, backend)
         loss, model, test = run.loss, run.model, run.test
         subspace_method = run.method
@@ -87,8 +89,9 @@ def setup(problem: str, dim: int, backend_name: str, method: str, steps: int, se
         test = TestSet(p, 4000 if dim <= 1000 else 1000, fold_in(key(seed), "test"))
         subspace_method = None
         if method == "subspace":
-            config = SolverConfig("poisson-two-body", dim, backend=backend_name, steps=steps,
-                                  perturbation="subspace")
+            config = SolverConfig(
+                "poisson-two-body", dim, backend=backend_name, steps=steps, perturbation="subspace"
+            )
             subspace_method = build(config, backend).method
             if not isinstance(loss, ResidualLoss):  # residual alignment needs ResidualLoss
                 sampler = dataclasses.replace(subspace_method.sampler, residual_aligned=False)
@@ -108,14 +111,30 @@ def run_one(problem, dim, method, steps, seed=0, evals=20):
     loss, model, params, obj, test = setup(problem, dim, backend, method, steps, seed)
     state = TrainState(obj.init(key(seed), params))
     start = time.perf_counter()
-    result = train(obj, loss, params, state, steps, model=model, test=test,
-                   eval_every=max(1, steps // evals), blowup=float("inf"))
+    result = train(
+        obj,
+        loss,
+        params,
+        state,
+        steps,
+        model=model,
+        test=test,
+        eval_every=max(1, steps // evals),
+        blowup=float("inf"),
+    )
     history = result.state.history
     return {
-        "problem": problem, "dim": dim, "method": method, "backend": backend, "steps": steps,
-        "seed": seed, "history": history,
-        "final_rel_l2": history[-1]["rel_l2"], "min_rel_l2": min(h["rel_l2"] for h in history),
-        "train_time": result.state.elapsed, "wall": time.perf_counter() - start,
+        "problem": problem,
+        "dim": dim,
+        "method": method,
+        "backend": backend,
+        "steps": steps,
+        "seed": seed,
+        "history": history,
+        "final_rel_l2": history[-1]["rel_l2"],
+        "min_rel_l2": min(h["rel_l2"] for h in history),
+        "train_time": result.state.elapsed,
+        "wall": time.perf_counter() - start,
         "status": "completed" if result.divergence is None else result.divergence.reason,
     }
 
@@ -152,10 +171,15 @@ def main(argv=None):
                         target = 2 * fo[0]["final_rel_l2"]
                         r["time_to_2x_first_order"] = time_to(r["history"], target)
                         r["ratio_to_first_order"] = r["final_rel_l2"] / fo[0]["final_rel_l2"]
-                path.write_text(json.dumps({"problem": problem, "dim": dim, "runs": runs}, indent=1))
-                print(f"{problem} d={dim} {method}: final {record['final_rel_l2']:.3e} "
-                      f"min {record['min_rel_l2']:.3e} train {record['train_time']:.1f}s "
-                      f"{record['status']}", flush=True)
+                path.write_text(
+                    json.dumps({"problem": problem, "dim": dim, "runs": runs}, indent=1)
+                )
+                print(
+                    f"{problem} d={dim} {method}: final {record['final_rel_l2']:.3e} "
+                    f"min {record['min_rel_l2']:.3e} train {record['train_time']:.1f}s "
+                    f"{record['status']}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

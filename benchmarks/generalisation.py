@@ -10,7 +10,8 @@ problems the library was not built around:
 | anisotropic | tr(diag(a) ∇²u) = f | ball, u = 0 (ansatz) | (1 − ρ) cos(w·x) |
 | heat | u_t − Δ_x u = f | space-time ball in R^{d+1} | (1 − ρ − t²) sin(w·x + t) |
 | soft-boundary | Δu = f | ball, u = u* on the sphere by a loss term | 1 + sin(w·x) |
-| lifted-sine-gordon | Δu + sin u = f | ball, u = h on the sphere (lift) | exp(v·x) + (1 − ρ) cos(w·x) |
+| lifted-sine-gordon | Δu + sin u = f | ball, u = h on the sphere (lift) |
+  exp(v·x) + (1 − ρ) cos(w·x) |
 
 ρ = ‖x‖², w = z / 2 with z ~ N(0, I_d) (so w·x ~ N(0, 1/4) for points of the
 ball in high d: all coordinates matter, non-radial), v = z' / (2√d),
@@ -228,8 +229,11 @@ class GeneralisationProblem:
         if self.name == "anisotropic":
             s = xp.cos(wx)
             axw = y @ (self.a * self.w)
-            return (-2 * float(xp.sum(self.a)) * s + 4 * axw * xp.sin(wx)
-                    - (1 - rho) * float(xp.sum(self.a * self.w * self.w)) * s)
+            return (
+                -2 * float(xp.sum(self.a)) * s
+                + 4 * axw * xp.sin(wx)
+                - (1 - rho) * float(xp.sum(self.a * self.w * self.w)) * s
+            )
         if self.name == "heat":
             theta = wx + t
             s, c = xp.sin(theta), xp.cos(theta)
@@ -241,7 +245,12 @@ class GeneralisationProblem:
             return -w2 * xp.sin(wx)
         h = xp.exp(y @ self.v)
         s = xp.cos(wx)
-        lap = float(xp.sum(self.v * self.v)) * h - 2 * d * s + 4 * wx * xp.sin(wx) - (1 - rho) * w2 * s
+        lap = (
+            float(xp.sum(self.v * self.v)) * h
+            - 2 * d * s
+            + 4 * wx * xp.sin(wx)
+            - (1 - rho) * w2 * s
+        )
         return lap + xp.sin(self.exact(x))
 
     def model(self, width: int = 128, depth: int = 4, activation: str = "tanh"):
@@ -265,8 +274,10 @@ class GeneralisationProblem:
         oracle = self.oracle(num_directions)
         if self.name == "soft-boundary":
             return SoftBoundaryLoss(model, oracle, self, batch_size)
-        rhs = (lambda u, x: -array_namespace(u).sin(u)) if self.name == "lifted-sine-gordon" else (
-            lambda u, x: 0.0 * u
+        rhs = (
+            (lambda u, x: -array_namespace(u).sin(u))
+            if self.name == "lifted-sine-gordon"
+            else (lambda u, x: 0.0 * u)
         )
         return ResidualLoss(
             model, oracle, rhs, lambda k: self.sample_domain(k, batch_size), forcing=self.forcing
@@ -277,5 +288,12 @@ def replace_model(loss, model):
     return dataclasses.replace(loss, model=model)
 
 
-__all__ = ["NAMES", "GeneralisationProblem", "DiagonalTrace", "HeatOperator", "LiftedAnsatz",
-           "SoftBoundaryLoss", "jets"]
+__all__ = [
+    "NAMES",
+    "GeneralisationProblem",
+    "DiagonalTrace",
+    "HeatOperator",
+    "LiftedAnsatz",
+    "SoftBoundaryLoss",
+    "jets",
+]

@@ -20,6 +20,7 @@ from sdze_core.registry import make_backend  # noqa: E402
 
 def _operator(problem, x):
     """L u* at one point by nested autodiff of problem.exact."""
+
     def u(z):
         return problem.exact(z[None, :])[0]
 

@@ -28,7 +28,8 @@ def test_solve_writes_metrics_checkpoint_and_plots(tmp_path):
     assert metrics["status"] == "completed"
     assert [r["step"] for r in metrics["history"]] == [10, 20, 30, 40]
     assert metrics["config"]["problem"] == "allen-cahn-two-body"
-    assert metrics["config"]["learning_rate"] == solve_module.DEFAULT_LEARNING_RATE["sdze"]
+    default = solve_module.SolverConfig("allen-cahn-two-body", 6).resolved().learning_rate
+    assert metrics["config"]["learning_rate"] == default
     assert metrics["rel_l2"] == result.rel_l2
     assert metrics["peak_memory_bytes"] > 0 and metrics["it_per_s"] > 0
     assert metrics["final"]["step"] == 40
@@ -47,8 +48,8 @@ def _independent_errors(path):
     config = ckpt.config["solver"]
     c = np.asarray(ckpt.extra["coefficients"], dtype=np.float64)
     layers = [{k: np.asarray(v, dtype=np.float64) for k, v in p.items()} for p in ckpt.params]
-    sampler = ckpt.state.sampler
-    for layer, A in enumerate(sampler.pending):
+    sampler = getattr(ckpt.state, "sampler", None)  # activity perturbation: nothing pending
+    for layer, A in enumerate(sampler.pending if sampler is not None else ()):
         U, V = (np.asarray(a, dtype=np.float64) for a in sampler.bases[layer])
         layers[layer]["W"] = layers[layer]["W"] + U @ np.asarray(A, np.float64) @ V.T
 
@@ -76,8 +77,9 @@ def _independent_errors(path):
     )
 
 
-def test_reported_error_agrees_with_independent_evaluation(tmp_path):
-    result = run_small(tmp_path)
+@pytest.mark.parametrize("perturbation", ["activity", "subspace"])
+def test_reported_error_agrees_with_independent_evaluation(tmp_path, perturbation):
+    result = run_small(tmp_path, perturbation=perturbation)
     rel_l2, rel_linf = _independent_errors(tmp_path / "run" / "checkpoint.npz")
     # float32 network vs a float64 re-evaluation: agreement to float32 round-off.
     assert result.rel_l2 == pytest.approx(rel_l2, rel=1e-4)
@@ -95,7 +97,7 @@ def test_checkpoint_evaluates_on_another_backend(tmp_path):
 
 
 @pytest.mark.parametrize("backend_name", ["numpy", "torch", "jax"])
-@pytest.mark.parametrize("method", ["sdze", "first-order"])
+@pytest.mark.parametrize("method", ["sdze", "sdze-subspace", "first-order"])
 def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, monkeypatch, backend_name,
                                                          method):
     if backend_name != "numpy":
@@ -113,6 +115,8 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, monkeypatch, 
 
     monkeypatch.setattr(solve_module, "save_checkpoint", save_and_copy)
     settings = dict(backend=backend_name, method=method, checkpoint_every=10, refresh_every=15)
+    if method == "sdze-subspace":
+        settings |= dict(method="sdze", perturbation="subspace")
     whole = run_small(tmp_path, "whole", **settings)
     monkeypatch.setattr(solve_module, "save_checkpoint", real_save)
     resumed = sdze.solve(out=tmp_path / "resumed", resume=tmp_path / "step20.npz", quiet=True)
@@ -133,7 +137,8 @@ def test_resume_refuses_a_different_problem(tmp_path):
 
 
 def test_divergence_stops_and_keeps_the_last_good_state(tmp_path):
-    result = run_small(tmp_path, learning_rate=50.0, schedule="constant", steps=200, blowup=10.0)
+    result = run_small(tmp_path, learning_rate=50.0, schedule="constant", steps=200, blowup=10.0,
+                       perturbation="subspace")
     assert result.status.startswith("diverged")
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["status"] == result.status and metrics["divergence"]["step"] < 200
@@ -146,6 +151,19 @@ def test_divergence_stops_and_keeps_the_last_good_state(tmp_path):
     good = [r["loss"] for r in ckpt.extra["train"]["history"]]
     assert good and all(good[i] <= 10.0 * min(good[:i]) for i in range(1, len(good)))
     assert ckpt.extra["train"]["history"][-1]["step"] < metrics["divergence"]["step"]
+
+
+@pytest.mark.parametrize("optimizer", ["adafactor", "adam", "sgd"])
+def test_activity_update_that_is_not_finite_is_not_applied(tmp_path, optimizer):
+    """A learning rate so large that the update overflows: the run stops, saying so,
+    and the checkpoint holds finite parameters."""
+    lr = 1e30 if optimizer == "sgd" else 1e36
+    result = run_small(tmp_path, learning_rate=lr, schedule="constant", steps=40,
+                       optimizer=optimizer)
+    assert result.status.startswith("diverged"), result.status
+    ckpt = sdze.load_checkpoint(tmp_path / "run" / "checkpoint.npz", "numpy")
+    assert all(np.all(np.isfinite(p[k])) for p in ckpt.params for k in ("W", "b"))
+    assert all(np.all(np.isfinite(p[k])) for p in result.params for k in ("W", "b"))
 
 
 def test_first_order_on_numpy_is_a_clear_error(tmp_path, capsys):

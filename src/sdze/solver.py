@@ -115,27 +115,26 @@ class SolverConfig:
             raise ValueError(f"unknown problem {c.problem!r}; known: {', '.join(PROBLEMS)}")
         if c.method not in METHODS:
             raise ValueError(f"unknown method {c.method!r}; known: {', '.join(METHODS)}")
-        if c.schedule is None:
-            activity_schedule = c.method == "sdze" and (c.perturbation or DEFAULT_PERTURBATION) == "activity"
-            c.schedule = "linear" if activity_schedule else DEFAULT_SCHEDULE[c.method]
-        if c.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {c.schedule!r}")
-        if c.estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {c.estimator!r}")
         if c.perturbation is None:
             c.perturbation = DEFAULT_PERTURBATION
         if c.perturbation not in PERTURBATIONS:
             raise ValueError(
                 f"perturbation must be one of {PERTURBATIONS}, got {c.perturbation!r}"
             )
-        activity = c.method == "sdze" and c.perturbation == "activity"
+        activity = c.method in ("sdze", "sdze-naive") and c.perturbation == "activity"
+        if c.schedule is None:
+            c.schedule = ACTIVITY_DEFAULTS["schedule"] if activity else DEFAULT_SCHEDULE[c.method]
+        if c.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {c.schedule!r}")
+        if c.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {c.estimator!r}")
         if c.optimizer is None:
-            c.optimizer = "adafactor" if activity else "adam"
+            c.optimizer = ACTIVITY_DEFAULTS["optimizer"] if activity else "adam"
         allowed = tuple(ACTIVITY_OPTIMIZERS) if activity else ("adam",)
         if c.optimizer not in allowed:
             raise ValueError(f"optimizer must be one of {allowed} here, got {c.optimizer!r}")
         if c.num_queries is None:
-            c.num_queries = 1 if activity else 5
+            c.num_queries = ACTIVITY_DEFAULTS["num_queries"] if activity else 5
         for name in ("dim", "width", "depth", "batch_size", "num_directions", "num_queries",
                      "rank", "refresh_every"):
             value = getattr(c, name)
@@ -146,10 +145,10 @@ class SolverConfig:
             c.steps = DEFAULT_STEPS[c.method]
         if c.learning_rate is None:
             c.learning_rate = (
-                DEFAULT_ACTIVITY_LEARNING_RATE if activity else DEFAULT_LEARNING_RATE[c.method]
+                ACTIVITY_DEFAULTS["learning_rate"] if activity else DEFAULT_LEARNING_RATE[c.method]
             )
         if c.adam_b2 is None:
-            c.adam_b2 = 0.99 if activity else DEFAULT_ADAM_B2[c.method]
+            c.adam_b2 = ACTIVITY_DEFAULTS["adam_b2"] if activity else DEFAULT_ADAM_B2[c.method]
         if not 0.0 <= c.adam_b2 < 1.0:
             raise ValueError(f"adam_b2 must be in [0, 1), got {c.adam_b2!r}")
         if c.eval_every is None:
@@ -176,7 +175,15 @@ class SolverConfig:
 #: "subspace" (low-rank weight perturbations); see docs/sdze.md.
 PERTURBATIONS = ("activity", "subspace")
 DEFAULT_PERTURBATION = "activity"
-DEFAULT_ACTIVITY_LEARNING_RATE = 1e-3
+
+#: Defaults of SDZE with activity perturbations (docs/benchmarks.md: the study that chose them).
+ACTIVITY_DEFAULTS = {
+    "optimizer": "adafactor",
+    "learning_rate": 1e-3,
+    "schedule": "linear",
+    "adam_b2": 0.99,
+    "num_queries": 1,
+}
 
 #: Defaults per method (see docs/tutorial.md for how they were chosen).
 DEFAULT_STEPS = {m: 3000 for m in METHODS}
@@ -257,14 +264,18 @@ def build(config: SolverConfig, backend=None) -> Run:
             eps=config.eps, num_queries=config.num_queries, crns=True, estimator=config.estimator
         )
         method = SDZE(perturber, FullGaussian(), zo_sgd(_schedule(config)))
-    elif config.method == "sdze" and config.perturbation == "activity":
+    elif config.method in ("sdze", "sdze-naive") and config.perturbation == "activity":
         optimizer = ACTIVITY_OPTIMIZERS[config.optimizer]
         if config.optimizer == "sgd":
             opt = optimizer(_schedule(config))
         else:
             opt = optimizer(_schedule(config), b2=config.adam_b2)
         method = ActivityPerturbation(
-            opt, eps=config.eps, estimator=config.estimator, num_queries=config.num_queries
+            opt,
+            eps=config.eps,
+            estimator=config.estimator,
+            num_queries=config.num_queries,
+            crns=config.method == "sdze",
         )
     else:
         perturber = CRNSPerturber(

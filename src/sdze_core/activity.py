@@ -62,6 +62,7 @@ __all__ = [
     "activity_adam",
     "activity_adafactor",
     "ACTIVITY_OPTIMIZERS",
+    "NonFiniteUpdateError",
 ]
 
 #: Largest temporary (elements) when a first-layer update is streamed over columns.
@@ -225,7 +226,9 @@ class ActivityPerturbedNetwork:
         outputs = [_with_query_axis(pre[-1], None, None)]
         shapes = []
         for layer in self.layers:
-            layer_shapes = [None if c is None else _zeta_shape(c, batch) for c in _slots(pre[layer])]
+            layer_shapes = [
+                None if c is None else _zeta_shape(c, batch) for c in _slots(pre[layer])
+            ]
             zeta = draw_zeta(call_key, layer, layer_shapes, pre[layer].primal)
             perturbed = _with_query_axis(pre[layer], zeta, self.scales)
             outputs.append(self._forward(params, perturbed, layer + 1))
@@ -346,7 +349,6 @@ def _writeable(x) -> bool:
 
 def _apply_blocks(W, grad: LayerGradient, fn):
     """W + fn(Ĝ[:, c], c) for column chunks c: in place when W is writeable."""
-    xp = array_namespace(W)
     m, n = W.shape
     if _writeable(W):
         for start, stop in _column_chunks(m, n):
@@ -358,15 +360,38 @@ def _apply_blocks(W, grad: LayerGradient, fn):
 # -- optimizers on factored gradients -----------------------------------------------------------
 
 
-class ActivityOptimizer(NamedTuple):
-    """``init(params) -> state``, ``apply(params, grads, state, step) -> (params, state)``.
+class NonFiniteUpdateError(FloatingPointError):
+    """The step's update (or the optimizer's new state) is not finite: nothing was applied."""
 
-    ``memory`` says what the state holds (for the docs and the record).
+
+class ActivityOptimizer(NamedTuple):
+    """``init(params) -> state``; ``plan(params, grads, state, step) -> (plan, state)``
+    computes the step and the new state without touching the parameters and raises
+    :class:`NonFiniteUpdateError` if anything in them is not finite;
+    ``commit(params, grads, plan) -> params`` applies it (in place where the
+    arrays are writeable). ``memory`` says what the state holds.
     """
 
     init: Any
-    apply: Any
+    plan: Any
+    commit: Any
     memory: str
+
+
+def _check_finite(what: str, arrays) -> None:
+    for a in arrays:
+        if a is None:
+            continue
+        xp = array_namespace(a)
+        if not bool(xp.all(xp.isfinite(a))):
+            raise NonFiniteUpdateError(f"the {what} is not finite; the step was not applied")
+
+
+def _gradient_arrays(grads):
+    for g in grads:
+        yield from g.left
+        yield g.bias
+        yield g.columns
 
 
 class AdafactorState(NamedTuple):
@@ -397,6 +422,25 @@ def _schedule(learning_rate):
     return as_schedule(learning_rate)
 
 
+def _add(x, delta):
+    if _writeable(x):
+        x += delta
+        return x
+    return x + delta
+
+
+def _zeros_like(a):
+    return array_namespace(a).zeros_like(a)
+
+
+def _commit_dense(params, grads, plan):
+    """W += ΔW, b += Δb for a plan of dense steps ((ΔW, Δb) per layer)."""
+    return [
+        {"W": _add(p["W"], dW), "b": _add(p["b"], db)}
+        for p, (dW, db) in zip(params, plan, strict=True)
+    ]
+
+
 def activity_sgd(learning_rate=1e-3) -> ActivityOptimizer:
     """W_l ← W_l − η_t Ĝ_l, streamed over column chunks; no state."""
     schedule = _schedule(learning_rate)
@@ -404,22 +448,18 @@ def activity_sgd(learning_rate=1e-3) -> ActivityOptimizer:
     def init(params):
         return ()
 
-    def apply(params, grads, state, step):
-        lr = schedule(step)
+    def plan(params, grads, state, step):
+        _check_finite("gradient estimate", _gradient_arrays(grads))
+        return schedule(step), state
+
+    def commit(params, grads, lr):
         out = []
         for p, g in zip(params, grads, strict=True):
             W = _apply_blocks(p["W"], g, lambda blk, a, b: -lr * blk)
             out.append({"W": W, "b": _add(p["b"], -lr * g.bias)})
-        return out, state
+        return out
 
-    return ActivityOptimizer(init, apply, "none")
-
-
-def _add(x, delta):
-    if _writeable(x):
-        x += delta
-        return x
-    return x + delta
+    return ActivityOptimizer(init, plan, commit, "none")
 
 
 def activity_adam(learning_rate=1e-3, b1: float = 0.9, b2: float = 0.99, eps: float = 1e-8):
@@ -430,38 +470,39 @@ def activity_adam(learning_rate=1e-3, b1: float = 0.9, b2: float = 0.99, eps: fl
     schedule = _schedule(learning_rate)
 
     def init(params):
-        def z(a):
-            return array_namespace(a).zeros_like(a)
-
         return AdamLayerState(
             0,
-            tuple(z(p["W"]) for p in params),
-            tuple(z(p["W"]) for p in params),
-            tuple(z(p["b"]) for p in params),
-            tuple(z(p["b"]) for p in params),
+            tuple(_zeros_like(p["W"]) for p in params),
+            tuple(_zeros_like(p["W"]) for p in params),
+            tuple(_zeros_like(p["b"]) for p in params),
+            tuple(_zeros_like(p["b"]) for p in params),
         )
 
-    def apply(params, grads, state, step):
+    def plan(params, grads, state, step):
         count = state.count + 1
         lr = schedule(step)
         c1, c2 = 1 - b1**count, 1 - b2**count
-        out, mus, nus, mbs, nbs = [], [], [], [], []
-        for p, g, mu, nu, mb, nb in zip(
-            params, grads, state.mu, state.nu, state.mu_bias, state.nu_bias, strict=True
+        steps, mus, nus, mbs, nbs = [], [], [], [], []
+        for g, mu, nu, mb, nb in zip(
+            grads, state.mu, state.nu, state.mu_bias, state.nu_bias, strict=True
         ):
-            xp = array_namespace(p["W"])
+            xp = array_namespace(mu)
             G = g.dense()
             mu = b1 * mu + (1 - b1) * G
             nu = b2 * nu + (1 - b2) * G * G
-            W = _add(p["W"], (-lr / c1) * mu / (xp.sqrt(nu / c2) + eps))
             mb = b1 * mb + (1 - b1) * g.bias
             nb = b2 * nb + (1 - b2) * g.bias * g.bias
-            b = _add(p["b"], (-lr / c1) * mb / (xp.sqrt(nb / c2) + eps))
-            out.append({"W": W, "b": b})
+            steps.append(
+                (
+                    (-lr / c1) * mu / (xp.sqrt(nu / c2) + eps),
+                    (-lr / c1) * mb / (xp.sqrt(nb / c2) + eps),
+                )
+            )
             mus.append(mu), nus.append(nu), mbs.append(mb), nbs.append(nb)
-        return out, AdamLayerState(count, tuple(mus), tuple(nus), tuple(mbs), tuple(nbs))
+        _check_finite("Adam step", (a for pair in steps for a in pair))
+        return steps, AdamLayerState(count, tuple(mus), tuple(nus), tuple(mbs), tuple(nbs))
 
-    return ActivityOptimizer(init, apply, "2 P (Adam moments)")
+    return ActivityOptimizer(init, plan, _commit_dense, "2 P (Adam moments)")
 
 
 def activity_adafactor(
@@ -479,15 +520,12 @@ def activity_adafactor(
     (m,) moments. Momentum (b1) is kept, P-sized, only for matrices of at most
     ``momentum_max_size`` entries (the hidden layers); larger ones (the first
     layer at large d) step with Ĝ itself, so the state is m + n numbers per
-    large matrix. The first layer's Ĝ is streamed twice over column chunks
+    large matrix. A large matrix's Ĝ is streamed twice over column chunks
     (statistics, then the step): two (m × B)(B × d) products.
     """
     schedule = _schedule(learning_rate)
 
     def init(params):
-        def z(a):
-            return array_namespace(a).zeros_like(a)
-
         def zeros(n, like):
             xp = array_namespace(like)
             return xp.zeros((n,), dtype=like.dtype, device=array_api_compat.device(like))
@@ -495,55 +533,67 @@ def activity_adafactor(
         rows = tuple(zeros(p["W"].shape[0], p["W"]) for p in params)
         cols = tuple(zeros(p["W"].shape[1], p["W"]) for p in params)
         small = [math.prod(p["W"].shape) <= momentum_max_size for p in params]
-        mu = tuple(z(p["W"]) if s else None for p, s in zip(params, small, strict=True))
-        return AdafactorState(
-            0, rows, cols, tuple(z(p["b"]) for p in params), mu, tuple(z(p["b"]) for p in params)
-        )
+        mu = tuple(_zeros_like(p["W"]) if s else None for p, s in zip(params, small, strict=True))
+        biases = tuple(_zeros_like(p["b"]) for p in params)
+        return AdafactorState(0, rows, cols, biases, mu, tuple(_zeros_like(p["b"]) for p in params))
 
-    def apply(params, grads, state, step):
+    def plan(params, grads, state, step):
         count = state.count + 1
         lr = schedule(step)
         c1, c2 = 1 - b1**count, 1 - b2**count
-        out, rows, cols, nbs, mus, mbs = [], [], [], [], [], []
-        for p, g, R, C, nb, mu, mb in zip(
-            params, grads, state.rows, state.cols, state.bias, state.mu, state.mu_bias,
-            strict=True,
+        steps, rows, cols, nbs, mus, mbs = [], [], [], [], [], []
+        for g, R, C, nb, mu, mb in zip(
+            grads, state.rows, state.cols, state.bias, state.mu, state.mu_bias, strict=True
         ):
-            xp = array_namespace(p["W"])
-            m, n = p["W"].shape
+            xp = array_namespace(R)
+            m, n = g.shape
             if mu is not None:
                 G = g.dense()
                 R = b2 * R + (1 - b2) * xp.mean(G * G, axis=1)
                 C = b2 * C + (1 - b2) * xp.mean(G * G, axis=0)
                 mu = b1 * mu + (1 - b1) * G
-                scale = _factored_scale(R, C, c2, eps)
-                W = _add(p["W"], (-lr / c1) * mu * scale)
+                weight = ("dense", (-lr / c1) * mu * _factored_scale(R, C, c2, eps))
             else:
-                row_sq = xp.zeros((m,), dtype=p["W"].dtype)
+                row_sq = xp.zeros((m,), dtype=R.dtype)
                 col_sq = []
                 for start, stop in _column_chunks(m, n):
-                    blk = g.block(start, stop)
-                    sq = blk * blk
+                    sq = g.block(start, stop) ** 2
                     row_sq = row_sq + xp.sum(sq, axis=1)
                     col_sq.append(xp.mean(sq, axis=0))
                 R = b2 * R + (1 - b2) * row_sq / n
                 C = b2 * C + (1 - b2) * xp.concat(col_sq)
                 r_scale = 1.0 / xp.sqrt(R / (xp.mean(R) * c2) + eps)
                 c_scale = 1.0 / xp.sqrt(C + eps)
-
-                def step_of(blk, a, b, r_scale=r_scale, c_scale=c_scale):
-                    return (-lr) * (blk * r_scale[:, None]) * c_scale[a:b]
-
-                W = _apply_blocks(p["W"], g, step_of)
+                weight = ("streamed", (-lr * r_scale, c_scale))
             mb = b1 * mb + (1 - b1) * g.bias
             nb = b2 * nb + (1 - b2) * g.bias * g.bias
-            b = _add(p["b"], (-lr / c1) * mb / (xp.sqrt(nb / c2) + 1e-8))
-            out.append({"W": W, "b": b})
+            steps.append((weight, (-lr / c1) * mb / (xp.sqrt(nb / c2) + 1e-8)))
             rows.append(R), cols.append(C), nbs.append(nb), mus.append(mu), mbs.append(mb)
+        _check_finite("Adafactor step", [a for a in rows + cols + nbs])
+        _check_finite("Adafactor step", [w[1] for (w, _) in steps if w[0] == "dense"])
+        _check_finite("Adafactor step", [db for (_, db) in steps])
+        _check_finite("gradient estimate", _gradient_arrays(grads))
         new = AdafactorState(count, tuple(rows), tuple(cols), tuple(nbs), tuple(mus), tuple(mbs))
-        return out, new
+        return steps, new
 
-    return ActivityOptimizer(init, apply, "m + n per large matrix; P-sized momentum for small ones")
+    def commit(params, grads, plan):
+        out = []
+        for p, g, ((kind, w), db) in zip(params, grads, plan, strict=True):
+            if kind == "dense":
+                W = _add(p["W"], w)
+            else:
+                r_step, c_scale = w
+
+                def step_of(blk, a, b, r_step=r_step, c_scale=c_scale):
+                    return (blk * r_step[:, None]) * c_scale[a:b]
+
+                W = _apply_blocks(p["W"], g, step_of)
+            out.append({"W": W, "b": _add(p["b"], db)})
+        return out
+
+    return ActivityOptimizer(
+        init, plan, commit, "m + n per large matrix; P-sized momentum for small ones"
+    )
 
 
 def _factored_scale(R, C, c2, eps):
@@ -617,6 +667,11 @@ class ActivityPerturbation:
         Independent ζ draws per layer and step (their estimates are averaged).
     layers : tuple of int, optional
         The layers to train (default all).
+    crns : bool
+        Share the points and oracle draws between the ± sides (default). ``False``
+        evaluates the + side on ξ⁺ and the − side on ξ⁻, independent (the
+        ablation): the O(1) difference ℓ_b(ξ⁺) − ℓ_b(ξ⁻) then makes the
+        second moment grow as ε⁻². The update uses the + side's inputs.
     """
 
     optimizer: ActivityOptimizer = field(default_factory=activity_adafactor)
@@ -624,6 +679,7 @@ class ActivityPerturbation:
     estimator: str = "central"
     num_queries: int = 1
     layers: tuple | None = None
+    crns: bool = True
 
     def __post_init__(self):
         if self.estimator not in ESTIMATORS:
@@ -633,6 +689,8 @@ class ActivityPerturbation:
         q = self.num_queries
         if isinstance(q, bool) or not isinstance(q, int) or q < 1:
             raise ValueError(f"num_queries must be an integer >= 1, got {q!r}")
+        if self.estimator == "forward" and not self.crns:
+            raise ValueError("the forward gradient has no ± sides: crns=False does not apply")
 
     def init(self, key: Key, params) -> ActivityState:
         """State for a run from ``key`` (step keys from ``fold_in(key, "steps")``)."""
@@ -651,18 +709,30 @@ class ActivityPerturbation:
         return (eps, -eps), eps
 
     def estimate(self, loss, params, spatial_key: Key, param_key: Key):
-        """``(grads, loss_value, losses)``: per layer a :class:`LayerGradient`, the
-        unperturbed loss ℓ(θ; ξ) and the per-point losses (Q, B) of the last query round."""
-        xi = loss.sample(spatial_key)
+        """``(grads, loss_value, losses)``: per layer a :class:`LayerGradient` (``None``
+        when a loss is not finite), the unperturbed loss ℓ(θ; ξ) and the per-point
+        losses (Q, N) of the last query round (query 0 unperturbed)."""
         layers = tuple(range(len(params))) if self.layers is None else tuple(self.layers)
         scales, size = self._scales(params)
+        if self.crns:
+            xi = loss.sample(spatial_key)
+        else:
+            xi = loss.sample(fold_in(spatial_key, "plus"))
+            xi_minus = loss.sample(fold_in(spatial_key, "minus"))
         grads = [None] * len(params)
         value = None
         for query in range(self.num_queries):
             network_key = fold_in(param_key, query)
-            model = _perturbed_model(loss.model, (network_key, scales, layers))
+            if self.crns:
+                model = _perturbed_model(loss.model, (network_key, scales, layers))
+                losses = _per_point_losses(loss, params, xi, model)
+            else:
+                model = _perturbed_model(loss.model, (network_key, scales[:1], layers))
+                minus = _perturbed_model(loss.model, (network_key, scales[1:], layers))
+                plus_losses = _per_point_losses(loss, params, xi, model)
+                minus_losses = _per_point_losses(loss, params, xi_minus, minus)
+                losses = _interleave(plus_losses, minus_losses)
             net = model if isinstance(model, ActivityPerturbedNetwork) else model.network
-            losses = _per_point_losses(loss, params, xi, model)
             xp = array_namespace(losses)
             if value is None:
                 value = xp.mean(_real(losses[0, ...]))
@@ -676,7 +746,9 @@ class ActivityPerturbation:
                 est = _layer_gradient(net.calls, params, layer, i, g)
                 grads[layer] = est if grads[layer] is None else _sum_gradients(grads[layer], est)
         if self.num_queries > 1:
-            grads = [None if g is None else _scale_gradient(g, 1.0 / self.num_queries) for g in grads]
+            grads = [
+                None if g is None else _scale_gradient(g, 1.0 / self.num_queries) for g in grads
+            ]
         return grads, value, losses
 
     def step(self, loss, params, state: ActivityState):
@@ -702,9 +774,23 @@ class ActivityPerturbation:
                 params=params,
                 state=state,
             )
-        grads = [g if g is not None else _zero_gradient(p) for g, p in zip(grads, params, strict=True)]
-        params, opt_state = self.optimizer.apply(params, grads, state.optimizer, t)
-        return params, ActivityState(t + 1, state.key, opt_state), ActivityStepInfo(float(value), None)
+        grads = [
+            g if g is not None else _zero_gradient(p) for g, p in zip(grads, params, strict=True)
+        ]
+        try:
+            plan, opt_state = self.optimizer.plan(params, grads, state.optimizer, t)
+        except NonFiniteUpdateError as error:
+            raise NonFiniteLossError(
+                f"step {t}: {error} (the error's .params and .state hold the last good state). "
+                "Lower the learning rate.",
+                step=t,
+                losses=[float(value)],
+                params=params,
+                state=state,
+            ) from error
+        params = self.optimizer.commit(params, grads, plan)
+        info = ActivityStepInfo(float(value), None)
+        return params, ActivityState(t + 1, state.key, opt_state), info
 
     def merge(self, params, state):
         """Nothing is pending: ``(state, params)``."""
@@ -715,11 +801,22 @@ class ActivityPerturbation:
         return None
 
 
+def _interleave(plus, minus):
+    """[query 0, +_0, −_0, +_1, −_1, ...] from the + pass (1 + L queries) and the − pass."""
+    xp = array_namespace(plus)
+    rows = [plus[0:1, ...]]
+    for i in range(1, plus.shape[0]):
+        rows += [plus[i : i + 1, ...], minus[i : i + 1, ...]]
+    return xp.concat(rows, axis=0)
+
+
 def _zero_gradient(p) -> LayerGradient:
     xp = array_namespace(p["W"])
     m, n = p["W"].shape
     z = xp.zeros((1, m), dtype=p["W"].dtype)
-    return LayerGradient([z], [xp.zeros((1, n), dtype=p["W"].dtype)], xp.zeros((m,), dtype=p["W"].dtype))
+    return LayerGradient(
+        [z], [xp.zeros((1, n), dtype=p["W"].dtype)], xp.zeros((m,), dtype=p["W"].dtype)
+    )
 
 
 def _sum_gradients(a: LayerGradient, b: LayerGradient) -> LayerGradient:
@@ -728,8 +825,9 @@ def _sum_gradients(a: LayerGradient, b: LayerGradient) -> LayerGradient:
         index = xp.concat([a.index, b.index])
         columns = xp.concat([a.columns, b.columns], axis=1)
     else:
-        index, columns = a.index if a.index is not None else b.index, (
-            a.columns if a.columns is not None else b.columns
+        index, columns = (
+            a.index if a.index is not None else b.index,
+            (a.columns if a.columns is not None else b.columns),
         )
     return LayerGradient(a.left + b.left, a.right + b.right, a.bias + b.bias, index, columns)
 
