@@ -368,8 +368,9 @@ class ActivityOptimizer(NamedTuple):
     """``init(params) -> state``; ``plan(params, grads, state, step) -> (plan, state)``
     computes the step and the new state without touching the parameters and raises
     :class:`NonFiniteUpdateError` if anything in them is not finite;
-    ``commit(params, grads, plan) -> params`` applies it (in place where the
-    arrays are writeable). ``memory`` says what the state holds.
+    ``commit(params, grads, plan, state) -> (params, state)`` applies it (in place
+    where the arrays are writeable), completing any statistics that are gathered
+    while the step is streamed. ``memory`` says what the state holds.
     """
 
     init: Any
@@ -433,12 +434,13 @@ def _zeros_like(a):
     return array_namespace(a).zeros_like(a)
 
 
-def _commit_dense(params, grads, plan):
+def _commit_dense(params, grads, plan, state):
     """W += ΔW, b += Δb for a plan of dense steps ((ΔW, Δb) per layer)."""
-    return [
+    out = [
         {"W": _add(p["W"], dW), "b": _add(p["b"], db)}
         for p, (dW, db) in zip(params, plan, strict=True)
     ]
+    return out, state
 
 
 def activity_sgd(learning_rate=1e-3) -> ActivityOptimizer:
@@ -452,12 +454,12 @@ def activity_sgd(learning_rate=1e-3) -> ActivityOptimizer:
         _check_finite("gradient estimate", _gradient_arrays(grads))
         return schedule(step), state
 
-    def commit(params, grads, lr):
+    def commit(params, grads, lr, state):
         out = []
         for p, g in zip(params, grads, strict=True):
             W = _apply_blocks(p["W"], g, lambda blk, a, b: -lr * blk)
             out.append({"W": W, "b": _add(p["b"], -lr * g.bias)})
-        return out
+        return out, state
 
     return ActivityOptimizer(init, plan, commit, "none")
 
@@ -520,8 +522,10 @@ def activity_adafactor(
     (m,) moments. Momentum (b1) is kept, P-sized, only for matrices of at most
     ``momentum_max_size`` entries (the hidden layers); larger ones (the first
     layer at large d) step with Ĝ itself, so the state is m + n numbers per
-    large matrix. A large matrix's Ĝ is streamed twice over column chunks
-    (statistics, then the step): two (m × B)(B × d) products.
+    large matrix. A large matrix's Ĝ is streamed once over column chunks
+    (one (m × B)(B × d) product): its step is scaled by the statistics up to
+    the previous step, and this step's Ĝ² is added to them in the same pass
+    (at the first step, which has no statistics, Ĝ is streamed twice).
     """
     schedule = _schedule(learning_rate)
 
@@ -554,17 +558,16 @@ def activity_adafactor(
                 mu = b1 * mu + (1 - b1) * G
                 weight = ("dense", (-lr / c1) * mu * _factored_scale(R, C, c2, eps))
             else:
-                row_sq = xp.zeros((m,), dtype=R.dtype)
-                col_sq = []
-                for start, stop in _column_chunks(m, n):
-                    sq = g.block(start, stop) ** 2
-                    row_sq = row_sq + xp.sum(sq, axis=1)
-                    col_sq.append(xp.mean(sq, axis=0))
-                R = b2 * R + (1 - b2) * row_sq / n
-                C = b2 * C + (1 - b2) * xp.concat(col_sq)
-                r_scale = 1.0 / xp.sqrt(R / (xp.mean(R) * c2) + eps)
+                if state.count == 0:  # no statistics yet: this step's, by a first pass
+                    row_sq, col_sq = _squared_sums(g)
+                    R = b2 * R + (1 - b2) * row_sq
+                    C = b2 * C + (1 - b2) * col_sq
+                    correction = c2
+                else:  # the statistics up to the previous step; this one's in commit
+                    correction = 1 - b2 ** (count - 1)
+                r_scale = 1.0 / xp.sqrt(R / (xp.mean(R) * correction) + eps)
                 c_scale = 1.0 / xp.sqrt(C + eps)
-                weight = ("streamed", (-lr * r_scale, c_scale))
+                weight = ("streamed", (-lr * r_scale, c_scale, state.count > 0))
             mb = b1 * mb + (1 - b1) * g.bias
             nb = b2 * nb + (1 - b2) * g.bias * g.bias
             steps.append((weight, (-lr / c1) * mb / (xp.sqrt(nb / c2) + 1e-8)))
@@ -576,24 +579,46 @@ def activity_adafactor(
         new = AdafactorState(count, tuple(rows), tuple(cols), tuple(nbs), tuple(mus), tuple(mbs))
         return steps, new
 
-    def commit(params, grads, plan):
-        out = []
-        for p, g, ((kind, w), db) in zip(params, grads, plan, strict=True):
+    def commit(params, grads, plan, state):
+        out, rows, cols = [], list(state.rows), list(state.cols)
+        for layer, (p, g, ((kind, w), db)) in enumerate(zip(params, grads, plan, strict=True)):
             if kind == "dense":
                 W = _add(p["W"], w)
             else:
-                r_step, c_scale = w
+                r_step, c_scale, gather = w
+                xp = array_namespace(r_step)
+                row_sq, col_sq = [], []
 
-                def step_of(blk, a, b, r_step=r_step, c_scale=c_scale):
+                def step_of(blk, a, b, r_step=r_step, c_scale=c_scale, gather=gather):
+                    if gather:
+                        sq = blk * blk
+                        row_sq.append(xp.sum(sq, axis=1))
+                        col_sq.append(xp.mean(sq, axis=0))
                     return (blk * r_step[:, None]) * c_scale[a:b]
 
                 W = _apply_blocks(p["W"], g, step_of)
+                if gather:
+                    n = p["W"].shape[1]
+                    rows[layer] = b2 * rows[layer] + (1 - b2) * (sum(row_sq) / n)
+                    cols[layer] = b2 * cols[layer] + (1 - b2) * xp.concat(col_sq)
             out.append({"W": W, "b": _add(p["b"], db)})
-        return out
+        return out, state._replace(rows=tuple(rows), cols=tuple(cols))
 
     return ActivityOptimizer(
         init, plan, commit, "m + n per large matrix; P-sized momentum for small ones"
     )
+
+
+def _squared_sums(g: LayerGradient):
+    """(mean_j Ĝ_ij², mean_i Ĝ_ij²) of a factored gradient, streamed over column chunks."""
+    xp = array_namespace(g.bias)
+    m, n = g.shape
+    row_sq, col_sq = 0.0, []
+    for start, stop in _column_chunks(m, n):
+        sq = g.block(start, stop) ** 2
+        row_sq = row_sq + xp.sum(sq, axis=1)
+        col_sq.append(xp.mean(sq, axis=0))
+    return row_sq / n, xp.concat(col_sq)
 
 
 def _factored_scale(R, C, c2, eps):
@@ -788,7 +813,7 @@ class ActivityPerturbation:
                 params=params,
                 state=state,
             ) from error
-        params = self.optimizer.commit(params, grads, plan)
+        params, opt_state = self.optimizer.commit(params, grads, plan, opt_state)
         info = ActivityStepInfo(float(value), None)
         return params, ActivityState(t + 1, state.key, opt_state), info
 
