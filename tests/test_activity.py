@@ -65,7 +65,7 @@ def test_adafactor_matches_a_reference(backend, momentum_max_size):
     """Streamed (lagged statistics, no momentum) and dense (momentum) paths against NumPy."""
     b = backend.with_config(dtype="float64")
     shapes = [(4, 9), (3, 4)]
-    lr, b1, b2, eps = 0.1, 0.9, 0.99, 1e-30
+    lr, b1, b2 = 0.1, 0.9, 0.99
     steps = [[random_gradient(b, m, n, seed=10 * t + i) for i, (m, n) in enumerate(shapes)]
              for t in range(4)]
     opt = activity_adafactor(lr, b1=b1, b2=b2, momentum_max_size=momentum_max_size)
@@ -133,7 +133,10 @@ def test_factored_state_is_m_plus_n_for_a_large_matrix(backend):
     momentum); Adam keeps 2 P."""
     b = backend.with_config(dtype="float32")
     m, n = 8, 200_000
-    params = [{"W": b.zeros((m, n)), "b": b.zeros((m,))}, {"W": b.zeros((1, m)), "b": b.zeros((1,))}]
+    params = [
+        {"W": b.zeros((m, n)), "b": b.zeros((m,))},
+        {"W": b.zeros((1, m)), "b": b.zeros((1,))},
+    ]
     factored = state_nbytes(activity_adafactor(1e-3).init(params))
     floats = (m + n + 2 * m) + (1 + m + 2 * 1 + 1 * m)  # R, C, bias moments; small: + momentum
     assert factored == 4 * floats

@@ -589,7 +589,10 @@ def activity_adafactor(
                 xp = array_namespace(r_step)
                 row_sq, col_sq = [], []
 
-                def step_of(blk, a, b, r_step=r_step, c_scale=c_scale, gather=gather):
+                def step_of(
+                    blk, a, b, r_step=r_step, c_scale=c_scale, gather=gather,
+                    xp=xp, row_sq=row_sq, col_sq=col_sq,
+                ):
                     if gather:
                         sq = blk * blk
                         row_sq.append(xp.sum(sq, axis=1))
