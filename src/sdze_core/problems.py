@@ -67,7 +67,7 @@ __all__ = [
 ]
 
 #: Columns per block when summing the terms of s and its derivatives.
-DEFAULT_CHUNK = 1 << 16
+DEFAULT_CHUNK = 1 << 12
 
 
 # -- the exact solutions' sums s(x) ------------------------------------------------------
