@@ -64,6 +64,7 @@ VARIANTS = {
     "activity-sgd": ("numpy", _activity(activity_sgd, 1e-2)),
     "activity-q2": ("numpy", _activity(activity_adafactor, num_queries=2)),
     "activity-forward": ("numpy", _activity(activity_adafactor, estimator="forward")),
+    "activity-b1-0.98": ("numpy", _activity(lambda lr: activity_adafactor(lr, b1=0.98))),
 }
 
 

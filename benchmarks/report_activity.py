@@ -17,7 +17,7 @@ import pathlib
 
 RESULTS = pathlib.Path(__file__).parent / "results" / "activity"
 ORDER = ["first-order", "activity", "activity-adam", "activity-adafactor-3e-3",
-         "activity-adam-3e-3", "activity-q2", "subspace"]
+         "activity-adam-3e-3", "activity-q2", "activity-b1-0.98", "subspace"]
 
 
 def load(folder: pathlib.Path) -> list[dict]:
