@@ -31,6 +31,7 @@ from sdze_core.oracles import (
     residual,
     squared_residual_loss,
 )
+from sdze_core.problems import make_problem
 from sdze_core.registry import make_backend
 
 D = 3
@@ -191,3 +192,19 @@ def test_points_are_cast_for_losses(backend):
                 [fn(oracle, model, params, points(b), key(2), rhs)],
                 b.dtype,
             )
+
+
+# -- problems: the coefficients play the parameters' part ------------------------------------
+
+
+@pytest.mark.parametrize("name", ["allen-cahn-two-body", "biharmonic-three-body"])
+def test_problems_follow_the_same_rule(backend, name):
+    b, other = f64(backend), other_library(backend)
+    problem = make_problem(name, D, backend=b)
+    methods = (problem.exact, problem.operator_exact, problem.forcing)
+    for method in methods:
+        with pytest.raises(TypeError, match=rf"{b.name} \(problem\), {other.name} \(x\)"):
+            method(points(other))
+        expected = method(points(b))
+        for x in (points(b, b.xp.float32), points(b, b.index_dtype)):
+            assert_same_result(b, [method(x)], [expected], b.dtype)

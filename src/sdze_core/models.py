@@ -42,7 +42,9 @@ from . import jets
 from .keys import Key, fold_in
 from .registry import check_one_library
 
-__all__ = ["MLP", "Ansatz", "conform", "default_linear", "default_columns", "BOUNDARIES"]
+__all__ = [
+    "MLP", "Ansatz", "conform", "conform_to", "default_linear", "default_columns", "BOUNDARIES",
+]
 
 Params = list[dict[str, Any]]
 LinearHook = Callable[[int, dict, Any, bool], Any]
@@ -90,13 +92,21 @@ def conform(params: Params, x, directions=None) -> tuple:
         W = params[0]["W"]
     except (TypeError, KeyError, IndexError):
         return x, directions
-    if type(x) is not type(W) or (directions is not None and type(directions) is not type(W)):
-        check_one_library(params=W, x=x, directions=directions)
-    if x.dtype != W.dtype:
-        x = array_namespace(W).astype(x, W.dtype)
-    if directions is not None and directions.dtype != W.dtype:
+    return conform_to(W, x, directions)
+
+
+def conform_to(reference, x, directions=None, owner: str = "params") -> tuple:
+    """:func:`conform` against one array ``reference`` (named ``owner`` in the error)."""
+    if type(x) is not type(reference) or (
+        directions is not None and type(directions) is not type(reference)
+    ):
+        check_one_library(**{owner: reference, "x": x, "directions": directions})
+    xp = array_namespace(reference)
+    if x.dtype != reference.dtype:
+        x = xp.astype(x, reference.dtype)
+    if directions is not None and directions.dtype != reference.dtype:
         if not _is_index_array(directions):
-            directions = array_namespace(W).astype(directions, W.dtype)
+            directions = xp.astype(directions, reference.dtype)
     return x, directions
 
 
