@@ -92,17 +92,15 @@ def kill_moments(backend_name):
     return [rng.choice(moments)] if backend_name == "jax" else moments
 
 
-def run_until_killed(tmp_path, name, settings, phase, when):
-    out = tmp_path / name
+def start_killed_run(out, settings, phase, when) -> subprocess.Popen:
+    """The child run that kills itself at (phase, when), writing to ``out``."""
     path = os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "PYTHONPATH": path}
-    child = subprocess.run(
+    return subprocess.Popen(
         [sys.executable, "-c", KILLED_RUN, str(out), json.dumps(SMALL | settings), phase,
          str(when)],
-        env=env, capture_output=True, text=True, timeout=300, check=False,
+        env={**os.environ, "PYTHONPATH": path},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    assert child.returncode == -signal.SIGKILL, child.stdout + child.stderr
-    return out
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL does not exist on Windows")
@@ -113,9 +111,20 @@ def run_until_killed(tmp_path, name, settings, phase, when):
 )
 def test_kill_9_at_random_moments_then_resume_gives_the_uninterrupted_run(tmp_path, backend):
     settings = KILL_RUN | {"backend": backend.name}
-    whole = run_small(tmp_path, "whole", **settings)
-    for phase, when in kill_moments(backend.name):
-        out = run_until_killed(tmp_path, f"{phase}-{when}", settings, phase, when)
+    moments = kill_moments(backend.name)
+    outs = [tmp_path / f"{phase}-{when}" for phase, when in moments]
+    # The children run while this process runs the uninterrupted reference (2 cores in CI).
+    children = [start_killed_run(out, settings, *m) for out, m in zip(outs, moments, strict=True)]
+    try:
+        whole = run_small(tmp_path, "whole", **settings)
+        died = [child.communicate(timeout=300) + (child.returncode,) for child in children]
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.communicate()
+    for (phase, when), out, (stdout, stderr, code) in zip(moments, outs, died, strict=True):
+        assert code == -signal.SIGKILL, stdout + stderr
         ckpt = out / "checkpoint.npz"
         if phase == "mid-save":  # the dead writer's partial file is there
             assert len(temp_files(out)) == 1, (when, temp_files(out))
