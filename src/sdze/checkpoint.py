@@ -82,6 +82,7 @@ __all__ = [
     "Checkpoint",
     "CheckpointError",
     "CheckpointMismatchError",
+    "CheckpointWriteError",
     "save_checkpoint",
     "load_checkpoint",
     "read_config",
@@ -113,6 +114,21 @@ class CheckpointMismatchError(CheckpointError):
     def __init__(self, message: str, mismatches=()):
         super().__init__(message)
         self.mismatches = list(mismatches)
+
+
+class CheckpointWriteError(OSError):
+    """A save failed (e.g. a full disk): the path still holds the previous checkpoint, if
+    there was one, untouched, and the temporary file is removed. ``errno`` is the cause's."""
+
+
+def _write_failed(path: pathlib.Path, cause: OSError) -> CheckpointWriteError:
+    kept = (f"the previous checkpoint at {path} is intact" if path.exists()
+            else f"no file was created at {path}")
+    return CheckpointWriteError(
+        cause.errno,
+        f"could not save the checkpoint {path}: {cause.strerror or cause}; {kept} "
+        "(the temporary file was removed)",
+    )
 
 
 class Checkpoint(NamedTuple):
@@ -374,6 +390,9 @@ def save_checkpoint(
     TypeError
         If ``params``, ``state``, ``config`` or ``extra`` hold something that
         cannot be stored without pickling. Nothing is written then.
+    CheckpointWriteError
+        An ``OSError`` (e.g. ``ENOSPC``, a full disk) while writing: the
+        message says that the previous checkpoint is intact.
     """
     path = pathlib.Path(os.fspath(path))
     if not isinstance(config, dict):
@@ -406,9 +425,11 @@ def save_checkpoint(
             f.flush()
             os.fsync(f.fileno())
         os.replace(temp, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(OSError):
             temp.unlink()
+        if isinstance(error, OSError):
+            raise _write_failed(path, error) from error
         raise
     _fsync_directory(path.parent)
     _remove_stale_temps(path)

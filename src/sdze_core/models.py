@@ -40,8 +40,11 @@ from array_api_compat import array_namespace
 
 from . import jets
 from .keys import Key, fold_in
+from .registry import check_one_library
 
-__all__ = ["MLP", "Ansatz", "default_linear", "default_columns", "BOUNDARIES"]
+__all__ = [
+    "MLP", "Ansatz", "conform", "conform_to", "default_linear", "default_columns", "BOUNDARIES",
+]
 
 Params = list[dict[str, Any]]
 LinearHook = Callable[[int, dict, Any, bool], Any]
@@ -66,6 +69,45 @@ default_linear.columns = default_columns
 def _is_index_array(directions) -> bool:
     xp = array_namespace(directions)
     return xp.isdtype(directions.dtype, "integral")
+
+
+def conform(params: Params, x, directions=None) -> tuple:
+    """``(x, directions)`` ready to meet ``params``: the one dispatch rule of sdze.
+
+    Where parameters meet points (every model's ``apply`` and ``jet``, and the
+    oracles that use the points' dtype themselves), see docs/backends.md, "Mixed inputs":
+
+    * arrays of another library than the parameters' raise the mixed-backend
+      ``TypeError`` naming both libraries (on every backend, even where the
+      library would convert, as JAX does with NumPy arrays);
+    * points of another dtype, integer or floating, are cast to the parameters'
+      floating dtype, and so are float directions (index directions are kept).
+      The parameters' dtype is the model's precision: float64 points with
+      float32 parameters compute in float32.
+
+    Parameters that are not sdze's (no ``params[0]["W"]``, e.g. ``None`` for a
+    model with none) leave the inputs as they are: such a model keeps its own rules.
+    """
+    try:
+        W = params[0]["W"]
+    except (TypeError, KeyError, IndexError):
+        return x, directions
+    return conform_to(W, x, directions)
+
+
+def conform_to(reference, x, directions=None, owner: str = "params") -> tuple:
+    """:func:`conform` against one array ``reference`` (named ``owner`` in the error)."""
+    if type(x) is not type(reference) or (
+        directions is not None and type(directions) is not type(reference)
+    ):
+        check_one_library(**{owner: reference, "x": x, "directions": directions})
+    xp = array_namespace(reference)
+    if x.dtype != reference.dtype:
+        x = xp.astype(x, reference.dtype)
+    if directions is not None and directions.dtype != reference.dtype:
+        if not _is_index_array(directions):
+            directions = xp.astype(directions, reference.dtype)
+    return x, directions
 
 
 @dataclass(frozen=True)
@@ -126,6 +168,7 @@ class MLP:
     def apply(self, params: Params, x, linear: LinearHook | None = None):
         """Network output for x of shape (B, d): shape (B,) (or (B, out) if out > 1)."""
         self._check(params, x)
+        x, _ = conform(params, x)
         linear = linear or default_linear
         h = x
         for layer, p in enumerate(params):
@@ -170,6 +213,7 @@ class MLP:
             (the collapsed top: shape (B,), Σ_v f_K[v]).
         """
         self._check(params, x)
+        x, directions = conform(params, x, directions)
         linear = linear or default_linear
         if _is_index_array(directions):
             columns = getattr(linear, "columns", None)
@@ -234,6 +278,7 @@ class Ansatz:
 
     def apply(self, params: Params, x, linear: LinearHook | None = None):
         """u(x) = g(x) N(x) for x of shape (B, d); shape (B,)."""
+        x, _ = conform(params, x)
         norm2 = jets.rowwise_squared_norm(x)
         g = 1.0 - norm2
         if self.boundary == "annulus":
@@ -250,6 +295,7 @@ class Ansatz:
         linear: LinearHook | None = None,
     ) -> jets.Jet:
         """Jet of u = g N along each direction; arguments as :meth:`MLP.jet`."""
+        x, directions = conform(params, x, directions)
         net = self.network.jet(params, x, directions, order, collapse, linear)
         if _is_index_array(directions):
             norm2 = jets.coordinate_squared_norm(x, directions, order)

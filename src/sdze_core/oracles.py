@@ -40,7 +40,8 @@ from typing import Any, ClassVar, NamedTuple
 from array_api_compat import array_namespace, device
 
 from .keys import split
-from .registry import backend_of
+from .models import conform
+from .registry import backend_of, check_one_library
 
 __all__ = [
     "OperatorEstimate",
@@ -124,7 +125,9 @@ class Oracle(ABC):
         """
 
     def __call__(self, model, params, x, key, linear=None) -> OperatorEstimate:
-        """``estimate(model, params, x, sample(key, x), linear)``."""
+        """``estimate(model, params, x, sample(key, x), linear)``, x first conformed to the
+        parameters (:func:`~sdze_core.models.conform`), so ξ is drawn in their dtype."""
+        x, _ = conform(params, x)
         return self.estimate(model, params, x, self.sample(key, x), linear)
 
 
@@ -230,6 +233,7 @@ def _pair_polarization_sum(model, params, x, i, k, collapse, linear):
     array: O(P d) memory and O(P d h) work in the first layer. With 2-sparse
     directions the first layer would be the gather W[:, i] ± W[:, k], O(h P).
     """
+    x, _ = conform(params, x)
     xp = array_namespace(x)
     coords = xp.arange(x.shape[1], dtype=i.dtype, device=device(x))
     e_i = xp.astype(coords == i[:, None], x.dtype)
@@ -397,6 +401,7 @@ class NestedAutodiffLaplacian(_SampledCoordinates):
                 "NestedAutodiffLaplacian differentiates the plain network; it cannot "
                 "evaluate SDZE's perturbed networks (use SparseLaplacian)"
             )
+        x, _ = conform(params, x)
         xp = array_namespace(x)
         u, second = backend_of(x).hessian_diagonal(lambda y: model.apply(params, y), x, sample)
         d = _dimension(x)
@@ -706,10 +711,12 @@ class TraceOperator(Oracle):
         return draw(key, (self.num_directions, int(self.parts[0][0].shape[1])))
 
     def estimate(self, model, params, x, sample, linear=None) -> OperatorEstimate:
+        x, _ = conform(params, x)
         xp = array_namespace(x)
         self._check_points(x)
         value = None
         for factor, sign in self.parts:
+            check_one_library(**{"sigma or A": factor, "x": x})
             factor = xp.astype(factor, x.dtype, copy=False)
             if sample is None:
                 directions, count = xp.permute_dims(factor, (1, 0)), 1

@@ -52,7 +52,7 @@ from array_api_compat import array_namespace
 
 from . import jets
 from .keys import Key, as_key, fold_in
-from .models import MLP, Ansatz
+from .models import MLP, Ansatz, conform_to
 from .oracles import SparseBiharmonic, SparseLaplacian
 
 __all__ = [
@@ -326,7 +326,7 @@ class Problem:
     # -- the exact solution and forcing
     def exact(self, x):
         """u*(x), shape (B,)."""
-        self._check(x)
+        x = self._check(x)
         s = term_sums(self.solution, x, self.coefficients, 2, self.chunk)["s"]
         return self._g(jets.rowwise_squared_norm(x)) * s
 
@@ -336,7 +336,7 @@ class Problem:
 
     def _operator_and_solution(self, x):
         """((L u*)(x), u*(x)) from one pass of block sums."""
-        self._check(x)
+        x = self._check(x)
         d = self.dim
         sums = term_sums(self.solution, x, self.coefficients, self.equation.order, self.chunk)
         rho = jets.rowwise_squared_norm(x)
@@ -367,8 +367,10 @@ class Problem:
         return -self.equation.nonlinear_term(u)
 
     def _check(self, x):
+        """x of shape (B, d), conformed to the coefficients (:func:`~sdze_core.models.conform`)."""
         if x.ndim != 2 or x.shape[-1] != self.dim:
             raise ValueError(f"{self.name}: x must have shape (B, {self.dim}), got {x.shape}")
+        return conform_to(self.coefficients, x, owner="problem")[0]
 
     # -- what the solver builds on top
     def model(self, width: int = 128, depth: int = 4, activation: str = "tanh") -> Ansatz:

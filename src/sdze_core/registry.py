@@ -41,6 +41,7 @@ __all__ = [
     "get_backend",
     "backend_of",
     "resolve_backend",
+    "check_one_library",
 ]
 
 ENTRY_POINT_GROUP = "sdze.backends"
@@ -292,6 +293,41 @@ def _owner(x) -> str | None:
     return None
 
 
+def _owners(labelled) -> tuple[dict[str, str], Any]:
+    """``({backend name: label of its first array}, first array)`` of ``(label, x)`` pairs.
+
+    Non-arrays (``None``, Python scalars, lists) are skipped. Arrays of two
+    libraries raise the one mixed-backend ``TypeError``, naming each library
+    and the argument it came from.
+    """
+    owners: dict[str, str] = {}
+    first = None
+    for label, x in labelled:
+        if x is None or isinstance(x, (bool, int, float, complex)) or not _is_array(x):
+            continue
+        name = _owner(x) or ("namespace" if hasattr(x, "__array_namespace__") else None)
+        if name is None:
+            raise TypeError(
+                f"{label} is a {type(x).__module__}.{type(x).__name__}, "
+                "not an array of any sdze backend"
+            )
+        owners.setdefault(name, label)
+        if first is None:
+            first = x
+    if len(owners) > 1:
+        found = ", ".join(f"{name} ({label})" for name, label in owners.items())
+        raise TypeError(
+            f"mixed array backends in one call: {found}; convert them to one library first"
+        )
+    return owners, first
+
+
+def check_one_library(**arrays) -> None:
+    """Raise the mixed-backend ``TypeError`` of :func:`backend_of` if the named
+    arrays come from more than one library (the names label the message)."""
+    _owners(arrays.items())
+
+
 def backend_of(*arrays, default: Backend | None = None) -> Backend:
     """The backend of the arrays among ``arrays`` (others, e.g. floats, ignored).
 
@@ -304,25 +340,7 @@ def backend_of(*arrays, default: Backend | None = None) -> Backend:
     TypeError
         If the arrays come from more than one library.
     """
-    owners: dict[str, int] = {}
-    first = None
-    for i, x in enumerate(arrays):
-        if x is None or isinstance(x, (bool, int, float, complex)) or not _is_array(x):
-            continue
-        name = _owner(x) or ("namespace" if hasattr(x, "__array_namespace__") else None)
-        if name is None:
-            raise TypeError(
-                f"argument {i} is a {type(x).__module__}.{type(x).__name__}, "
-                "not an array of any sdze backend"
-            )
-        owners.setdefault(name, i)
-        if first is None:
-            first = x
-    if len(owners) > 1:
-        found = ", ".join(f"{name} (argument {i})" for name, i in owners.items())
-        raise TypeError(
-            f"mixed array backends in one call: {found}; convert them to one library first"
-        )
+    owners, first = _owners((f"argument {i}", x) for i, x in enumerate(arrays))
     current = default or get_backend()
     if first is None:
         return current
