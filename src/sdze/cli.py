@@ -15,6 +15,7 @@ import json
 import sys
 
 import sdze
+from sdze_core.validation import SettingError
 
 
 def _list(args) -> int:
@@ -96,6 +97,8 @@ def _add_solve(commands) -> None:
     p.add_argument("--backend", help="numpy, torch, jax, cupy, ... (default: SDZE_BACKEND, numpy)")
     p.add_argument("--device", help="the backend's device, e.g. cuda:0")
     p.add_argument("--dtype", choices=("float32", "float64"))
+    p.add_argument("--rng", choices=("native", "portable"),
+                   help="the backend's random generator for the whole run (default native)")
     p.add_argument("--steps", type=int, help="training steps (default: per method)")
     p.add_argument("--method", choices=METHODS, help="default sdze")
     p.add_argument("--seed", type=int, help="seed of the problem, the network and the run")
@@ -143,6 +146,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _options(parser: argparse.ArgumentParser) -> set[str]:
+    """Every option string of the parser and its subcommands."""
+    found = set()
+    for action in parser._actions:
+        found.update(action.option_strings)
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found |= _options(sub)
+    return found
+
+
+def _message(error: BaseException, options: set[str]) -> str:
+    """One line: a setting named as its option (``--learning-rate``), lines joined."""
+    if isinstance(error, SettingError):
+        option = "--" + error.name.replace("_", "-")
+        if option in options:
+            return f"{option} must be {error.rule}, got {error.value!r}"
+    text = str(error)
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip()) or repr(error)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -152,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except (ValueError, TypeError) as error:
-        print(f"sdze {args.command}: error: {error}", file=sys.stderr)
+        print(f"sdze {args.command}: error: {_message(error, _options(parser))}",
+              file=sys.stderr)
         return 2
 
 

@@ -46,10 +46,17 @@ from sdze_core.keys import fold_in, key
 from sdze_core.objectives import ResidualLoss
 from sdze_core.optimizers import constant, cosine_decay, linear_decay, zo_adam, zo_sgd
 from sdze_core.perturbers import CRNSPerturber
-from sdze_core.problems import PROBLEMS, default_test_points, make_problem
+from sdze_core.problems import (
+    EQUATIONS,
+    PROBLEMS,
+    SOLUTIONS,
+    default_test_points,
+    make_problem,
+)
 from sdze_core.registry import get_backend, make_backend
 from sdze_core.samplers import FullGaussian, LowRankSubspace
 from sdze_core.training import Divergence, TestSet, TrainState, train
+from sdze_core.validation import SettingError, count, fraction, positive_number
 
 from ._version import __version__
 from .checkpoint import load_checkpoint, read_config, save_checkpoint
@@ -62,6 +69,7 @@ METHODS = ("sdze", "sdze-naive", "zo-full", "first-order", "sdgd")
 AUTODIFF_METHODS = ("first-order", "sdgd")
 SCHEDULES = ("constant", "linear", "cosine")
 ESTIMATORS = ("central", "forward")
+RNG_MODES = ("native", "portable")
 
 
 @dataclass
@@ -77,6 +85,7 @@ class SolverConfig:
     backend: str | None = None
     device: str | None = None
     dtype: str = "float32"
+    rng: str | None = None  # "native" or "portable" (sdze.use(..., rng=...)) for the whole run
     seed: int = 0
     steps: int | None = None
     # the model and the spatial estimator (STDE's settings)
@@ -84,7 +93,7 @@ class SolverConfig:
     depth: int = 4
     activation: str = "tanh"
     batch_size: int = 100
-    num_directions: int = 16
+    num_directions: int = 16  # capped at the problem's number of directions (recorded so)
     unbiased: bool = False
     # the optimizer
     learning_rate: float | None = None
@@ -106,32 +115,55 @@ class SolverConfig:
     blowup: float = 1e4
 
     def resolved(self) -> SolverConfig:
-        """A copy with every default filled in and every field checked."""
+        """A copy with every default filled in and every field checked.
+
+        Each setting is checked against its range (a :class:`SettingError`,
+        a ``ValueError``, names it and the range). ``num_directions`` is
+        capped at the number of directions the problem has (d coordinates
+        for Δ, d (d − 1) / 2 pairs for Δ²; at the cap the estimate is the
+        exact operator), and the copy records the value used. ``rng``
+        defaults to the current backend's (``sdze.use(..., rng=...)``) when
+        that backend is the one the run uses, else ``"native"``.
+        """
         c = dataclasses.replace(self)
         if c.problem not in PROBLEMS:
             raise ValueError(f"unknown problem {c.problem!r}; known: {', '.join(PROBLEMS)}")
         if c.method not in METHODS:
             raise ValueError(f"unknown method {c.method!r}; known: {', '.join(METHODS)}")
+        equation, solution = PROBLEMS[c.problem]
+        c.dim = count("dim", c.dim, minimum=SOLUTIONS[solution].arity)
         if c.schedule is None:
             c.schedule = DEFAULT_SCHEDULE[c.method]
-        if c.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {c.schedule!r}")
-        if c.estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {c.estimator!r}")
-        for name in ("dim", "width", "depth", "batch_size", "num_directions", "num_queries",
-                     "rank", "refresh_every"):
-            value = getattr(c, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        _choice("schedule", c.schedule, SCHEDULES)
+        _choice("estimator", c.estimator, ESTIMATORS)
+        _choice("dtype", c.dtype, ("float32", "float64"))
+        c.seed = count("seed", c.seed, minimum=0)
+        for name in ("width", "depth", "batch_size", "num_directions", "num_queries", "rank",
+                     "refresh_every"):
+            setattr(c, name, count(name, getattr(c, name)))
+        for name in ("steps", "eval_every", "test_points", "checkpoint_every"):
+            if getattr(c, name) is not None:
+                setattr(c, name, count(name, getattr(c, name)))
+        for name in ("learning_rate", "eps"):
+            if getattr(c, name) is not None:
+                setattr(c, name, positive_number(name, getattr(c, name)))
+        c.input_memory = positive_number("input_memory", c.input_memory)
+        if not positive_number("blowup", c.blowup, allow_inf=True) > 1.0:
+            raise SettingError("blowup", "a number > 1 (inf disables the test)", c.blowup)
+        directions = c.dim if EQUATIONS[equation].order == 2 else c.dim * (c.dim - 1) // 2
+        c.num_directions = min(c.num_directions, directions)
         c.backend = c.backend or get_backend().name
+        if c.rng is None:
+            current = get_backend()
+            c.rng = current.rng if current.name == c.backend else "native"
+        _choice("rng", c.rng, RNG_MODES)
         if c.steps is None:
             c.steps = DEFAULT_STEPS[c.method]
         if c.learning_rate is None:
             c.learning_rate = DEFAULT_LEARNING_RATE[c.method]
         if c.adam_b2 is None:
             c.adam_b2 = DEFAULT_ADAM_B2[c.method]
-        if not 0.0 <= c.adam_b2 < 1.0:
-            raise ValueError(f"adam_b2 must be in [0, 1), got {c.adam_b2!r}")
+        c.adam_b2 = fraction("adam_b2", c.adam_b2)
         if c.eval_every is None:
             c.eval_every = max(1, c.steps // 20)
         if c.test_points is None:
@@ -149,7 +181,13 @@ class SolverConfig:
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown solver settings: {', '.join(sorted(unknown))}")
-        return cls(**data)
+        # Configurations written before the rng field ran on the native generator.
+        return cls(**({"rng": "native"} | data))
+
+
+def _choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise SettingError(name, f"one of {', '.join(map(repr, allowed))}", value)
 
 
 #: Defaults per method (see docs/tutorial.md for how they were chosen).
@@ -201,7 +239,8 @@ def build(config: SolverConfig, backend=None) -> Run:
     """Problem, model, loss, method and test set of a (resolved) config."""
     config = config.resolved()
     if backend is None:
-        backend = make_backend(config.backend, device=config.device, dtype=config.dtype)
+        backend = make_backend(config.backend, device=config.device, dtype=config.dtype,
+                               rng=config.rng)
     problem = make_problem(config.problem, config.dim, seed=config.seed, backend=backend)
     model = problem.model(config.width, config.depth, config.activation)
     loss = ResidualLoss(

@@ -31,6 +31,7 @@ from .keys import Key, fold_in
 from .optimizers import as_schedule, linear_decay
 from .perturbers import NonFiniteLossError
 from .registry import backend_of
+from .validation import fraction, positive_number
 
 __all__ = ["FirstOrderAdam", "FirstOrderState"]
 
@@ -108,12 +109,9 @@ class FirstOrderAdam:
 
     def __post_init__(self):
         as_schedule(self.learning_rate)  # validates a float
-        for name in ("b1", "b2"):
-            value = getattr(self, name)
-            if not 0.0 <= float(value) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {value!r}")
-        if not float(self.eps) > 0.0:
-            raise ValueError(f"eps must be positive, got {self.eps!r}")
+        fraction("b1", self.b1)
+        fraction("b2", self.b2)
+        positive_number("eps", self.eps)
 
     def init(self, key: Key, params) -> FirstOrderState:
         """State for a run from ``key``: zero moments, step keys from

@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 from array_api_compat import array_namespace
 
 from .keys import Key, fold_in
+from .validation import positive_number
 
 __all__ = ["CRNSPerturber", "ZOEstimate", "NonFiniteLossError", "ESTIMATORS", "default_eps"]
 
@@ -141,8 +142,8 @@ class CRNSPerturber:
             raise ValueError(
                 f"unknown estimator {self.estimator!r}; known: {', '.join(ESTIMATORS)}"
             )
-        if self.eps is not None and not (float(self.eps) > 0.0):
-            raise ValueError(f"eps must be positive, got {self.eps!r}")
+        if self.eps is not None:
+            positive_number("eps", self.eps)
         if self.estimator == "forward" and not self.crns:
             raise ValueError("the forward gradient has no ± sides: crns=False does not apply")
 
