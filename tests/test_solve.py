@@ -133,8 +133,10 @@ def test_resume_refuses_a_different_problem(tmp_path):
 
 
 def test_divergence_stops_and_keeps_the_last_good_state(tmp_path):
-    result = run_small(tmp_path, learning_rate=50.0, schedule="constant", steps=200, blowup=10.0)
-    assert result.status.startswith("diverged")
+    # 0.5, not 50: the blow-up is now caught at the step (50 blows up at step 1, before
+    # any checkpoint); 0.5 blows up after several records, whose checkpoints are kept.
+    result = run_small(tmp_path, learning_rate=0.5, schedule="constant", steps=200, blowup=10.0)
+    assert result.status.startswith("diverged: loss blow-up at step ")
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["status"] == result.status and metrics["divergence"]["step"] < 200
     ckpt = sdze.load_checkpoint(tmp_path / "run" / "checkpoint.npz", "numpy")
@@ -185,24 +187,30 @@ def test_list_shows_problems_and_operators(capsys):
 
 
 def test_non_finite_loss_stops_with_the_last_good_state_saved(tmp_path, monkeypatch):
-    """A NaN forcing from the 16th sample on: the run stops at step 15 and saves step 15."""
+    """A NaN forcing from step 15 on: the run stops at step 15 and keeps the checkpoint of
+    step 10, the last state whose loss was finite (step 15's network had a NaN loss)."""
+    from sdze_core.engine import SDZE
     from sdze_core.problems import Problem
 
-    real_forcing = Problem.forcing
-    calls = {"n": 0}
+    real_forcing, real_step = Problem.forcing, SDZE.step
+    nan = {"on": False}
 
     def forcing(self, x):
-        calls["n"] += 1
         f = real_forcing(self, x)
-        return f * float("nan") if calls["n"] > 15 else f
+        return f * float("nan") if nan["on"] else f
+
+    def step(self, loss, params, state):
+        nan["on"] = state.step >= 15
+        return real_step(self, loss, params, state)
 
     monkeypatch.setattr(Problem, "forcing", forcing)
+    monkeypatch.setattr(SDZE, "step", step)
     result = run_small(tmp_path, steps=40, eval_every=10)
-    assert result.status == "diverged: non-finite loss"
+    assert result.status == "diverged: non-finite loss at step 15"
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["divergence"]["step"] == 15
-    assert metrics["final"]["step"] == 15
+    assert metrics["final"]["step"] == 10
     ckpt = sdze.load_checkpoint(tmp_path / "run" / "checkpoint.npz", "numpy")
-    assert ckpt.state.step == 15
+    assert ckpt.state.step == 10
     assert all(np.all(np.isfinite(p["W"])) for p in ckpt.params)
     assert np.isfinite(result.rel_l2)

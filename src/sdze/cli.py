@@ -66,8 +66,8 @@ def _solve(args) -> int:
         f"relative L∞ error {result.rel_linf:.3e}, {m['it_per_s']:.1f} it/s, "
         f"peak memory {m['peak_memory_bytes'] / 2**20:.0f} MiB"
     )
-    if result.out is not None:
-        print(f"wrote {result.out}/metrics.json, checkpoint.npz, loss.png, error.png")
+    if result.files:
+        print(f"wrote {result.out}/{', '.join(result.files)}")
     return 0 if result.status == "completed" else 2
 
 

@@ -313,8 +313,9 @@ class SolveResult:
     Attributes
     ----------
     params : list of dict
-        The trained parameters (pending low-rank updates merged in; on a
-        loss blow-up, the last checkpoint's).
+        The trained parameters (pending low-rank updates merged in). After a
+        divergence, the last good state's: the last checkpoint, or the
+        network before a non-finite update.
     rel_l2, rel_linf : float
         Final relative errors on the test points.
     history : list of dict
@@ -322,9 +323,14 @@ class SolveResult:
     metrics : dict
         What ``metrics.json`` holds.
     status : str
-        ``"completed"`` or ``"diverged: <reason>"``.
+        ``"completed"`` or ``"diverged: <rule> at step <t>"``, the rule one of
+        ``non-finite loss``, ``non-finite update``, ``loss blow-up``
+        (:class:`~sdze_core.training.Divergence`).
     out : pathlib.Path or None
         The output folder.
+    files : list of str
+        The files this run wrote into ``out`` (``checkpoint.npz`` only if a
+        good state was saved, the plots only if asked for).
     """
 
     params: Any
@@ -335,6 +341,7 @@ class SolveResult:
     status: str
     out: pathlib.Path | None
     run: Run
+    files: list = dataclasses.field(default_factory=list)
 
     @property
     def checkpoint(self) -> pathlib.Path | None:
@@ -394,7 +401,8 @@ class _Progress:
             self.bar.close()
 
 
-def _plot(out: pathlib.Path, history: list, title: str) -> None:
+def _plot(out: pathlib.Path, history: list, title: str) -> list[str]:
+    """Write loss.png (and error.png when the records have errors): the names written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -408,16 +416,18 @@ def _plot(out: pathlib.Path, history: list, title: str) -> None:
     fig.tight_layout()
     fig.savefig(out / "loss.png", dpi=120)
     plt.close(fig)
-    if history and "rel_l2" in history[0]:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.semilogy(steps, [r["rel_l2"] for r in history], marker=".", label="relative L2")
-        ax.semilogy(steps, [r["rel_linf"] for r in history], marker=".", label="relative L∞")
-        ax.set(xlabel="step", ylabel="error on the test points", title=title)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "error.png", dpi=120)
-        plt.close(fig)
+    if not (history and "rel_l2" in history[0]):
+        return ["loss.png"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.semilogy(steps, [r["rel_l2"] for r in history], marker=".", label="relative L2")
+    ax.semilogy(steps, [r["rel_linf"] for r in history], marker=".", label="relative L∞")
+    ax.set(xlabel="step", ylabel="error on the test points", title=title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "error.png", dpi=120)
+    plt.close(fig)
+    return ["loss.png", "error.png"]
 
 
 def _write_json(path: pathlib.Path, data: dict) -> None:
@@ -506,6 +516,8 @@ def solve(
         records = checkpoint_state.extra["train"]
         state = TrainState(checkpoint_state.state, **records)
 
+    saved_steps = []  # the steps this run wrote checkpoints of
+
     def save(params, state: TrainState) -> None:
         if out is not None:
             save_checkpoint(
@@ -517,6 +529,7 @@ def solve(
                        "coefficients": run.backend.to_host(run.problem.coefficients).tolist()
                        if config.dim <= 100_000 else "regenerated from the seed"},
             )
+            saved_steps.append(state.step)
             progress.last = time.perf_counter()  # the write is not part of the next step
 
     label = f"{config.problem} d={config.dim} {config.method}"
@@ -536,15 +549,12 @@ def solve(
     wall = time.perf_counter() - start
     params, state = result.params, result.state
     divergence: Divergence | None = result.divergence
-    status = "completed" if divergence is None else f"diverged: {divergence.reason}"
+    status = "completed" if divergence is None else (
+        f"diverged: {divergence.reason} at step {divergence.step}"
+    )
     if divergence is not None:
         print(divergence.message, file=sys.stderr)
-        if divergence.reason == "non-finite loss":
-            save(params, state)  # the last good state
-        elif out is not None and (out / "checkpoint.npz").exists():
-            saved = load_checkpoint(out / "checkpoint.npz", run.backend)
-            params = saved.params
-            state = TrainState(saved.state, **saved.extra["train"])
+        params, state = _last_good(run, out, result, save, saved_steps)
     _, params = run.method.merge(params, state.method)
     final = run.test.errors(run.model, params)
     done = state.step - first_step
@@ -566,12 +576,38 @@ def solve(
         "versions": _versions(run.backend),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
     }
+    files = []
     if out is not None:
         _write_json(out / "metrics.json", metrics)
+        files = ["metrics.json"] + (["checkpoint.npz"] if saved_steps else [])
         if plots and state.history:
-            _plot(out, state.history, label)
+            files += _plot(out, state.history, label)
     return SolveResult(params, final["rel_l2"], final["rel_linf"], state.history, metrics,
-                       status, out, run)
+                       status, out, run, files)
+
+
+def _last_good(run: Run, out, result, save, saved_steps):
+    """After a divergence: the last state whose loss was finite and not blown up, on disk.
+
+    The network before a non-finite update is one (saved now); otherwise it
+    is the last checkpoint this run wrote (every one was checked before it
+    was written), reloaded. With neither, the diverged state is returned
+    and nothing is written; each case says so on stderr.
+    """
+    params, state = result.params, result.state
+    if result.good and out is not None:
+        save(params, state)
+        print(f"saved the last good state (step {state.step}) to {out / 'checkpoint.npz'}",
+              file=sys.stderr)
+    elif not result.good and saved_steps:
+        saved = load_checkpoint(out / "checkpoint.npz", run.backend)
+        params, state = saved.params, TrainState(saved.state, **saved.extra["train"])
+        print(f"kept the last good state (step {state.step}) in {out / 'checkpoint.npz'}",
+              file=sys.stderr)
+    elif not result.good:
+        print("no good state was saved: the run diverged before its first checkpoint; the "
+              "errors reported are the diverged network's", file=sys.stderr)
+    return params, state
 
 
 def evaluate_checkpoint(path, backend=None, test_points: int | None = None) -> dict:

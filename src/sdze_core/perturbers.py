@@ -36,7 +36,14 @@ from array_api_compat import array_namespace
 from .keys import Key, fold_in
 from .validation import positive_number
 
-__all__ = ["CRNSPerturber", "ZOEstimate", "NonFiniteLossError", "ESTIMATORS", "default_eps"]
+__all__ = [
+    "CRNSPerturber",
+    "ZOEstimate",
+    "NonFiniteLossError",
+    "NonFiniteUpdateError",
+    "ESTIMATORS",
+    "default_eps",
+]
 
 #: Gradient estimators of :class:`CRNSPerturber`.
 ESTIMATORS = ("central", "forward")
@@ -65,6 +72,20 @@ class NonFiniteLossError(FloatingPointError):
         self.losses = list(losses)
         self.params = params
         self.state = state
+
+
+    #: The divergence rule it reports (``Divergence.reason``).
+    reason = "non-finite loss"
+
+
+class NonFiniteUpdateError(NonFiniteLossError):
+    """The losses were finite but the step's update was NaN or Inf: it was not applied.
+
+    As :class:`NonFiniteLossError`; ``params`` and ``state`` are the network
+    before the step, whose loss (the mean of ``losses``) was finite.
+    """
+
+    reason = "non-finite update"
 
 
 class ZOEstimate(NamedTuple):
