@@ -91,6 +91,8 @@ __all__ = [
 FORMAT_VERSION = 1
 
 HEADER_ENTRY = "__sdze__"
+_ZIP_MAGIC = b"PK\x03\x04"  # a zip archive's first local file header (np.savez writes one)
+_NPY_MAGIC = b"\x93NUMPY"
 _TAGS = ("__tuple__", "__float__", "__key__", "__array__", "__namedtuple__", "__dict__")
 _TEMP_MARK = ".tmp-"
 
@@ -422,6 +424,16 @@ def save_checkpoint(
 def _open(path):
     """``np.load`` of an sdze checkpoint: yields ``(npz, header)``."""
     path = pathlib.Path(os.fspath(path))
+    with open(path, "rb") as f:  # FileNotFoundError, IsADirectoryError, PermissionError
+        magic = f.read(len(_ZIP_MAGIC))
+    if magic != _ZIP_MAGIC:
+        what = "an empty file" if not magic else f"a file starting with {magic!r}"
+        if magic == _NPY_MAGIC[: len(magic)]:
+            what = "a single .npy array"
+        raise CheckpointError(
+            f"{path} is not an sdze checkpoint (an .npz zip archive written by "
+            f"sdze.save_checkpoint): it is {what}"
+        )
     try:
         z = np.load(path, allow_pickle=False)
     except (FileNotFoundError, IsADirectoryError, PermissionError):

@@ -6,6 +6,11 @@
 * ``sdze eval CHECKPOINT`` evaluates a saved network against the exact solution;
 * ``sdze list`` shows the problems, operators and backends available here;
 * ``sdze version`` prints the version.
+
+A user's error (a bad setting, a missing or foreign file, a backend or
+device that is not here) is one line on stderr, ``sdze COMMAND: error:
+...``, and exit status 2; ``--debug`` shows the traceback instead. A run
+that diverges also exits with 2, after its report.
 """
 
 from __future__ import annotations
@@ -132,8 +137,14 @@ def _add_solve(commands) -> None:
     p.set_defaults(run=_solve)
 
 
+def _add_debug(parser: argparse.ArgumentParser, default) -> None:
+    parser.add_argument("--debug", action="store_true", default=default,
+                        help="on an error, show the traceback instead of one line")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdze", description=sdze.__doc__.splitlines()[0])
+    _add_debug(parser, False)
     commands = parser.add_subparsers(dest="command", required=True)
     _add_solve(commands)
     e = commands.add_parser("eval", help="evaluate a checkpoint against the exact solution")
@@ -143,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(run=_eval)
     commands.add_parser("list", help="problems, operators and backends").set_defaults(run=_list)
     commands.add_parser("version", help="print the version").set_defaults(run=_version)
+    for sub in commands.choices.values():
+        _add_debug(sub, argparse.SUPPRESS)  # also after the command; keeps an earlier --debug
     return parser
 
 
@@ -163,8 +176,15 @@ def _message(error: BaseException, options: set[str]) -> str:
         option = "--" + error.name.replace("_", "-")
         if option in options:
             return f"{option} must be {error.rule}, got {error.value!r}"
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        return f"{error.filename}: {error.strerror}"
     text = str(error)
     return "; ".join(line.strip() for line in text.splitlines() if line.strip()) or repr(error)
+
+
+#: What a user's mistake raises: bad values and files (ValueError, OSError), a backend
+#: or library that is not installed (ImportError), a device that is not here (RuntimeError).
+USER_ERRORS = (ValueError, TypeError, OSError, ImportError, RuntimeError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("solve needs PROBLEM and --dim (or --resume CKPT)")
     try:
         return args.run(args)
-    except (ValueError, TypeError) as error:
+    except USER_ERRORS as error:
+        if args.debug:
+            raise
         print(f"sdze {args.command}: error: {_message(error, _options(parser))}",
               file=sys.stderr)
         return 2

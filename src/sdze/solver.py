@@ -506,6 +506,8 @@ def solve(
         out = default_out(config)
     out = None if out is None else pathlib.Path(out)
     if out is not None:
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"out must be a folder; {out} is an existing file")
         out.mkdir(parents=True, exist_ok=True)
 
     if checkpoint_state is None:
