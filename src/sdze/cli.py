@@ -65,6 +65,11 @@ def _solve(args) -> int:
         args.problem, args.dim, out=args.out or "auto", resume=args.resume, quiet=args.quiet,
         plots=not args.no_plots, **settings,
     )
+    used = result.run.config.num_directions
+    if args.num_directions is not None and args.num_directions != used:
+        print(f"note: --num-directions {args.num_directions} is more than the {used} directions "
+              f"of {result.run.config.problem} at d = {result.run.config.dim}; used and recorded "
+              f"{used} (all of them)", file=sys.stderr)
     m = result.metrics
     print(
         f"{result.status}: step {m['final']['step']}, relative L2 error {result.rel_l2:.3e}, "

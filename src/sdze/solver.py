@@ -53,7 +53,7 @@ from sdze_core.problems import (
     default_test_points,
     make_problem,
 )
-from sdze_core.registry import get_backend, make_backend
+from sdze_core.registry import get_backend, make_backend, use
 from sdze_core.samplers import FullGaussian, LowRankSubspace
 from sdze_core.training import Divergence, TestSet, TrainState, train
 from sdze_core.validation import SettingError, count, fraction, positive_number
@@ -120,8 +120,8 @@ class SolverConfig:
         Each setting is checked against its range (a :class:`SettingError`,
         a ``ValueError``, names it and the range). ``num_directions`` is
         capped at the number of directions the problem has (d coordinates
-        for Δ, d (d − 1) / 2 pairs for Δ²; at the cap the estimate is the
-        exact operator), and the copy records the value used. ``rng``
+        for Δ, d (d − 1) / 2 pairs for Δ², as the problem's oracle uses),
+        and the copy records the value used. ``rng``
         defaults to the current backend's (``sdze.use(..., rng=...)``) when
         that backend is the one the run uses, else ``"native"``.
         """
@@ -501,6 +501,12 @@ def solve(
         if problem is None or dim is None:
             raise TypeError("solve() needs a problem and a dimension (or resume=CHECKPOINT)")
         run = build(SolverConfig(problem, dim, **settings))
+    with use(run.backend):  # every draw of the run (backend_of's too) in the config's rng mode
+        return _train(run, checkpoint_state, out, quiet, plots)
+
+
+def _train(run: Run, checkpoint_state, out, quiet: bool, plots: bool) -> SolveResult:
+    """The run of :func:`solve`, in ``use(run.backend)``."""
     config = run.config
     if out == "auto":
         out = default_out(config)
