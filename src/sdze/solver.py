@@ -550,7 +550,8 @@ def _train(run: Run, checkpoint_state, out, quiet: bool, plots: bool) -> SolveRe
             run.method, run.loss, params, state, config.steps,
             model=run.model, test=run.test, eval_every=config.eval_every,
             checkpoint_every=config.checkpoint_every, blowup=config.blowup,
-            on_step=progress.step, on_eval=progress.eval, on_checkpoint=save,
+            on_step=progress.step, on_eval=progress.eval,
+            on_checkpoint=None if out is None else save,
         )
     finally:
         progress.close()
