@@ -84,10 +84,11 @@ def measure(backend_name: str, method: str, d: int, problem: str, steps: int, wa
     from sdze_core.keys import fold_in, key
 
     def config(dim):
-        # Learning rate 0: the same work per step, and no run can diverge (ZO-SGD on
-        # full-space perturbations would at some d), so every configuration is timed.
+        # Learning rate 1e-30 (a run's must be > 0): the same work per step, and steps far
+        # below round-off, so no run can diverge (ZO-SGD on full-space perturbations would
+        # at some d) and every configuration is timed.
         return SolverConfig(problem, dim, method=method, backend=backend_name, device=device,
-                            steps=warmup + steps, test_points=100, learning_rate=0.0)
+                            steps=warmup + steps, test_points=100, learning_rate=1e-30)
 
     # The method's code paths on a tiny problem first, so that lazy imports,
     # allocator pools and compilation caches are in the baseline.

@@ -373,8 +373,8 @@ def test_invalid_configurations():
         CRNSPerturber(estimator="forward", crns=False)
     with pytest.raises(ValueError, match="unknown estimator 'backward'"):
         CRNSPerturber(estimator="backward")
-    for eps in (0.0, -1e-3):
-        with pytest.raises(ValueError, match="eps must be positive"):
+    for eps in (0.0, -1e-3, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="eps must be a finite number > 0"):
             CRNSPerturber(eps=eps)
     for q in (0, True, 1.5):
         with pytest.raises(ValueError, match="num_queries must be an int >= 1"):

@@ -36,14 +36,26 @@ for lists; every other value is a one-key (or two-key) tagged object:
 ``{"__dict__": {...}}``               a dict whose keys collide with a tag
 ====================================  ========================================
 
-and any other JSON object is a dict (string keys). Reading a checkpoint
-with NumPy alone::
+and any other JSON object is a dict (string keys).
+
+The network: :func:`load_network` returns its weights as plain NumPy
+arrays. ``params/<l>/W`` alone is *not* the network of an SDZE run with
+the default :class:`~sdze_core.samplers.LowRankSubspace` sampler: the steps
+since its last basis refresh are held in the state as an r × r matrix A
+per layer, and the weight is W + U A Vᵀ (U, V the layer's stored bases).
+Reading a checkpoint with NumPy alone::
 
     >>> import json
     >>> import numpy as np
     >>> with np.load("run.npz", allow_pickle=False) as z:
     ...     header = json.loads(str(z["__sdze__"]))
-    ...     W0 = z["params/0/W"]                      # first layer's weights
+    ...     sampler = header["state"]["fields"]["sampler"]["fields"]
+    ...     W0 = z["params/0/W"]                      # first layer's stored weights
+    ...     if sampler["pending"] is not None:        # the pending update A, bases U, V
+    ...         A = z[sampler["pending"]["__tuple__"][0]["__array__"]]
+    ...         U, V = (z[a["__array__"]]
+    ...                 for a in sampler["bases"]["__tuple__"][0]["__tuple__"])
+    ...         W0 = W0 + U @ A @ V.T                 # the first layer's weights
     >>> header["config"]["model"]["sizes"]
     [1000, 128, 1]
     >>> header["state"]["fields"]["step"]             # an SDZEState's step
@@ -86,12 +98,15 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "read_config",
+    "load_network",
 ]
 
 #: Version of the file layout; files of a newer version are refused.
 FORMAT_VERSION = 1
 
 HEADER_ENTRY = "__sdze__"
+_ZIP_MAGIC = b"PK\x03\x04"  # a zip archive's first local file header (np.savez writes one)
+_NPY_MAGIC = b"\x93NUMPY"
 _TAGS = ("__tuple__", "__float__", "__key__", "__array__", "__namedtuple__", "__dict__")
 _TEMP_MARK = ".tmp-"
 
@@ -443,6 +458,16 @@ def save_checkpoint(
 def _open(path):
     """``np.load`` of an sdze checkpoint: yields ``(npz, header)``."""
     path = pathlib.Path(os.fspath(path))
+    with open(path, "rb") as f:  # FileNotFoundError, IsADirectoryError, PermissionError
+        magic = f.read(len(_ZIP_MAGIC))
+    if magic != _ZIP_MAGIC:
+        what = "an empty file" if not magic else f"a file starting with {magic!r}"
+        if magic == _NPY_MAGIC[: len(magic)]:
+            what = "a single .npy array"
+        raise CheckpointError(
+            f"{path} is not an sdze checkpoint (an .npz zip archive written by "
+            f"sdze.save_checkpoint): it is {what}"
+        )
     try:
         z = np.load(path, allow_pickle=False)
     except (FileNotFoundError, IsADirectoryError, PermissionError):
@@ -672,3 +697,45 @@ def read_config(path) -> dict:
             "config": header["config"],
             "extra": header["extra"],
         }
+
+
+def load_network(path) -> list[dict]:
+    """The network of a checkpoint: per layer ``{"W": (out, in), "b": (out,)}`` NumPy arrays.
+
+    Pending low-rank updates are merged: with the default
+    :class:`~sdze_core.samplers.LowRankSubspace` sampler the weight of layer
+    l is W + U A Vᵀ, with W the stored ``params/<l>/W``, A the pending r × r
+    update and U, V the bases, all in the state (computed in float64, returned
+    in the stored dtype). Parameters of a state without a pending update
+    (first-order, full-space Gaussian, ``merge_every="step"``) come as stored.
+
+    Raises
+    ------
+    CheckpointError
+        As :func:`load_checkpoint`, or if a pending update's bases are not
+        stored (``store_bases=False``) and the checkpoint is not a solver
+        run's: merge with the sampler that trained it (``SDZE.merge``).
+    """
+    saved = load_checkpoint(path, "numpy")
+    params = [{k: np.asarray(v) for k, v in p.items()} for p in saved.params]
+    sampler = getattr(saved.state, "sampler", None)
+    pending = getattr(sampler, "pending", None)
+    if pending is None:
+        return params
+    bases = getattr(sampler, "bases", None)
+    if bases is None:
+        if "solver" not in saved.config:
+            raise CheckpointError(
+                f"{path}: the pending low-rank update's bases are not stored; merge it "
+                "with the sampler that trained the network (SDZE.merge)"
+            )
+        from .solver import SolverConfig, build
+
+        config = SolverConfig.from_json(saved.config["solver"])
+        config.backend, config.device = "numpy", None
+        _, merged = build(config).method.merge(saved.params, saved.state)
+        return [{k: np.asarray(v) for k, v in p.items()} for p in merged]
+    for p, (U, V), A in zip(params, bases, pending, strict=True):
+        f64 = [np.asarray(a, dtype=np.float64) for a in (p["W"], U, A, V)]
+        p["W"] = (f64[0] + f64[1] @ f64[2] @ f64[3].T).astype(p["W"].dtype)
+    return params

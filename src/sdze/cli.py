@@ -6,6 +6,11 @@
 * ``sdze eval CHECKPOINT`` evaluates a saved network against the exact solution;
 * ``sdze list`` shows the problems, operators and backends available here;
 * ``sdze version`` prints the version.
+
+A user's error (a bad setting, a missing or foreign file, a backend or
+device that is not here) is one line on stderr, ``sdze COMMAND: error:
+...``, and exit status 2; ``--debug`` shows the traceback instead. A run
+that diverges also exits with 2, after its report.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import json
 import sys
 
 import sdze
+from sdze_core.validation import SettingError
 
 
 def _list(args) -> int:
@@ -59,14 +65,19 @@ def _solve(args) -> int:
         args.problem, args.dim, out=args.out or "auto", resume=args.resume, quiet=args.quiet,
         plots=not args.no_plots, **settings,
     )
+    used = result.run.config.num_directions
+    if args.num_directions is not None and args.num_directions != used:
+        print(f"note: --num-directions {args.num_directions} is more than the {used} directions "
+              f"of {result.run.config.problem} at d = {result.run.config.dim}; used and recorded "
+              f"{used} (all of them)", file=sys.stderr)
     m = result.metrics
     print(
         f"{result.status}: step {m['final']['step']}, relative L2 error {result.rel_l2:.3e}, "
         f"relative L∞ error {result.rel_linf:.3e}, {m['it_per_s']:.1f} it/s, "
         f"peak memory {m['peak_memory_bytes'] / 2**20:.0f} MiB"
     )
-    if result.out is not None:
-        print(f"wrote {result.out}/metrics.json, checkpoint.npz, loss.png, error.png")
+    if result.files:
+        print(f"wrote {result.out}/{', '.join(result.files)}")
     return 0 if result.status == "completed" else 2
 
 
@@ -96,6 +107,8 @@ def _add_solve(commands) -> None:
     p.add_argument("--backend", help="numpy, torch, jax, cupy, ... (default: SDZE_BACKEND, numpy)")
     p.add_argument("--device", help="the backend's device, e.g. cuda:0")
     p.add_argument("--dtype", choices=("float32", "float64"))
+    p.add_argument("--rng", choices=("native", "portable"),
+                   help="the backend's random generator for the whole run (default native)")
     p.add_argument("--steps", type=int, help="training steps (default: per method)")
     p.add_argument("--method", choices=METHODS, help="default sdze")
     p.add_argument("--seed", type=int, help="seed of the problem, the network and the run")
@@ -129,8 +142,14 @@ def _add_solve(commands) -> None:
     p.set_defaults(run=_solve)
 
 
+def _add_debug(parser: argparse.ArgumentParser, default) -> None:
+    parser.add_argument("--debug", action="store_true", default=default,
+                        help="on an error, show the traceback instead of one line")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdze", description=sdze.__doc__.splitlines()[0])
+    _add_debug(parser, False)
     commands = parser.add_subparsers(dest="command", required=True)
     _add_solve(commands)
     e = commands.add_parser("eval", help="evaluate a checkpoint against the exact solution")
@@ -140,7 +159,37 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(run=_eval)
     commands.add_parser("list", help="problems, operators and backends").set_defaults(run=_list)
     commands.add_parser("version", help="print the version").set_defaults(run=_version)
+    for sub in commands.choices.values():
+        _add_debug(sub, argparse.SUPPRESS)  # also after the command; keeps an earlier --debug
     return parser
+
+
+def _options(parser: argparse.ArgumentParser) -> set[str]:
+    """Every option string of the parser and its subcommands."""
+    found = set()
+    for action in parser._actions:
+        found.update(action.option_strings)
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found |= _options(sub)
+    return found
+
+
+def _message(error: BaseException, options: set[str]) -> str:
+    """One line: a setting named as its option (``--learning-rate``), lines joined."""
+    if isinstance(error, SettingError):
+        option = "--" + error.name.replace("_", "-")
+        if option in options:
+            return f"{option} must be {error.rule}, got {error.value!r}"
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        return f"{error.filename}: {error.strerror}"
+    text = str(error)
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip()) or repr(error)
+
+
+#: What a user's mistake raises: bad values and files (ValueError, OSError), a backend
+#: or library that is not installed (ImportError), a device that is not here (RuntimeError).
+USER_ERRORS = (ValueError, TypeError, OSError, ImportError, RuntimeError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,8 +200,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("solve needs PROBLEM and --dim (or --resume CKPT)")
     try:
         return args.run(args)
-    except (ValueError, TypeError) as error:
-        print(f"sdze {args.command}: error: {error}", file=sys.stderr)
+    except USER_ERRORS as error:
+        if args.debug:
+            raise
+        print(f"sdze {args.command}: error: {_message(error, _options(parser))}",
+              file=sys.stderr)
         return 2
 
 

@@ -47,10 +47,17 @@ from sdze_core.keys import fold_in, key
 from sdze_core.objectives import ResidualLoss
 from sdze_core.optimizers import constant, cosine_decay, linear_decay, zo_adam, zo_sgd
 from sdze_core.perturbers import CRNSPerturber
-from sdze_core.problems import PROBLEMS, default_test_points, make_problem
-from sdze_core.registry import get_backend, make_backend
+from sdze_core.problems import (
+    EQUATIONS,
+    PROBLEMS,
+    SOLUTIONS,
+    default_test_points,
+    make_problem,
+)
+from sdze_core.registry import get_backend, make_backend, use
 from sdze_core.samplers import FullGaussian, LowRankSubspace
 from sdze_core.training import Divergence, TestSet, TrainState, train
+from sdze_core.validation import SettingError, count, fraction, positive_number
 
 from ._version import __version__
 from .checkpoint import load_checkpoint, read_config, save_checkpoint
@@ -63,6 +70,7 @@ METHODS = ("sdze", "sdze-naive", "zo-full", "first-order", "sdgd")
 AUTODIFF_METHODS = ("first-order", "sdgd")
 SCHEDULES = ("constant", "linear", "cosine")
 ESTIMATORS = ("central", "forward")
+RNG_MODES = ("native", "portable")
 
 
 @dataclass
@@ -78,6 +86,7 @@ class SolverConfig:
     backend: str | None = None
     device: str | None = None
     dtype: str = "float32"
+    rng: str | None = None  # "native" or "portable" (sdze.use(..., rng=...)) for the whole run
     seed: int = 0
     steps: int | None = None
     # the model and the spatial estimator (STDE's settings)
@@ -85,7 +94,7 @@ class SolverConfig:
     depth: int = 4
     activation: str = "tanh"
     batch_size: int = 100
-    num_directions: int = 16
+    num_directions: int = 16  # capped at the problem's number of directions (recorded so)
     unbiased: bool = False
     # the optimizer
     learning_rate: float | None = None
@@ -109,38 +118,57 @@ class SolverConfig:
     blowup: float = 1e4
 
     def resolved(self) -> SolverConfig:
-        """A copy with every default filled in and every field checked."""
+        """A copy with every default filled in and every field checked.
+
+        Each setting is checked against its range (a :class:`SettingError`,
+        a ``ValueError``, names it and the range). ``num_directions`` is
+        capped at the number of directions the problem has (d coordinates
+        for Δ, d (d − 1) / 2 pairs for Δ², as the problem's oracle uses),
+        and the copy records the value used. ``rng``
+        defaults to the current backend's (``sdze.use(..., rng=...)``) when
+        that backend is the one the run uses, else ``"native"``.
+        """
         c = dataclasses.replace(self)
         if c.problem not in PROBLEMS:
             raise ValueError(f"unknown problem {c.problem!r}; known: {', '.join(PROBLEMS)}")
         if c.method not in METHODS:
             raise ValueError(f"unknown method {c.method!r}; known: {', '.join(METHODS)}")
+        equation, solution = PROBLEMS[c.problem]
+        c.dim = count("dim", c.dim, minimum=SOLUTIONS[solution].arity)
         if c.perturbation is None:
             c.perturbation = DEFAULT_PERTURBATION
-        if c.perturbation not in PERTURBATIONS:
-            raise ValueError(
-                f"perturbation must be one of {PERTURBATIONS}, got {c.perturbation!r}"
-            )
+        _choice("perturbation", c.perturbation, PERTURBATIONS)
         activity = c.method in ("sdze", "sdze-naive") and c.perturbation == "activity"
         if c.schedule is None:
             c.schedule = ACTIVITY_DEFAULTS["schedule"] if activity else DEFAULT_SCHEDULE[c.method]
-        if c.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {c.schedule!r}")
-        if c.estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {c.estimator!r}")
+        _choice("schedule", c.schedule, SCHEDULES)
+        _choice("estimator", c.estimator, ESTIMATORS)
+        _choice("dtype", c.dtype, ("float32", "float64"))
         if c.optimizer is None:
             c.optimizer = ACTIVITY_DEFAULTS["optimizer"] if activity else "adam"
-        allowed = tuple(ACTIVITY_OPTIMIZERS) if activity else ("adam",)
-        if c.optimizer not in allowed:
-            raise ValueError(f"optimizer must be one of {allowed} here, got {c.optimizer!r}")
+        _choice("optimizer", c.optimizer, tuple(ACTIVITY_OPTIMIZERS) if activity else ("adam",))
         if c.num_queries is None:
             c.num_queries = ACTIVITY_DEFAULTS["num_queries"] if activity else 5
-        for name in ("dim", "width", "depth", "batch_size", "num_directions", "num_queries",
-                     "rank", "refresh_every"):
-            value = getattr(c, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        c.seed = count("seed", c.seed, minimum=0)
+        for name in ("width", "depth", "batch_size", "num_directions", "num_queries", "rank",
+                     "refresh_every"):
+            setattr(c, name, count(name, getattr(c, name)))
+        for name in ("steps", "eval_every", "test_points", "checkpoint_every"):
+            if getattr(c, name) is not None:
+                setattr(c, name, count(name, getattr(c, name)))
+        for name in ("learning_rate", "eps"):
+            if getattr(c, name) is not None:
+                setattr(c, name, positive_number(name, getattr(c, name)))
+        c.input_memory = positive_number("input_memory", c.input_memory)
+        if not positive_number("blowup", c.blowup, allow_inf=True) > 1.0:
+            raise SettingError("blowup", "a number > 1 (inf disables the test)", c.blowup)
+        directions = c.dim if EQUATIONS[equation].order == 2 else c.dim * (c.dim - 1) // 2
+        c.num_directions = min(c.num_directions, directions)
         c.backend = c.backend or get_backend().name
+        if c.rng is None:
+            current = get_backend()
+            c.rng = current.rng if current.name == c.backend else "native"
+        _choice("rng", c.rng, RNG_MODES)
         if c.steps is None:
             c.steps = DEFAULT_STEPS[c.method]
         if c.learning_rate is None:
@@ -149,8 +177,7 @@ class SolverConfig:
             )
         if c.adam_b2 is None:
             c.adam_b2 = ACTIVITY_DEFAULTS["adam_b2"] if activity else DEFAULT_ADAM_B2[c.method]
-        if not 0.0 <= c.adam_b2 < 1.0:
-            raise ValueError(f"adam_b2 must be in [0, 1), got {c.adam_b2!r}")
+        c.adam_b2 = fraction("adam_b2", c.adam_b2)
         if c.eval_every is None:
             c.eval_every = max(1, c.steps // 20)
         if c.test_points is None:
@@ -168,7 +195,13 @@ class SolverConfig:
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown solver settings: {', '.join(sorted(unknown))}")
-        return cls(**data)
+        # Configurations written before the rng field ran on the native generator.
+        return cls(**({"rng": "native"} | data))
+
+
+def _choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise SettingError(name, f"one of {', '.join(map(repr, allowed))}", value)
 
 
 #: How SDZE perturbs: "activity" (per-sample activity perturbations) or
@@ -234,7 +267,8 @@ def build(config: SolverConfig, backend=None) -> Run:
     """Problem, model, loss, method and test set of a (resolved) config."""
     config = config.resolved()
     if backend is None:
-        backend = make_backend(config.backend, device=config.device, dtype=config.dtype)
+        backend = make_backend(config.backend, device=config.device, dtype=config.dtype,
+                               rng=config.rng)
     problem = make_problem(config.problem, config.dim, seed=config.seed, backend=backend)
     model = problem.model(config.width, config.depth, config.activation)
     loss = ResidualLoss(
@@ -320,8 +354,9 @@ class SolveResult:
     Attributes
     ----------
     params : list of dict
-        The trained parameters (pending low-rank updates merged in; on a
-        loss blow-up, the last checkpoint's).
+        The trained parameters (pending low-rank updates merged in). After a
+        divergence, the last good state's: the last checkpoint, or the
+        network before a non-finite update.
     rel_l2, rel_linf : float
         Final relative errors on the test points.
     history : list of dict
@@ -329,9 +364,14 @@ class SolveResult:
     metrics : dict
         What ``metrics.json`` holds.
     status : str
-        ``"completed"`` or ``"diverged: <reason>"``.
+        ``"completed"`` or ``"diverged: <rule> at step <t>"``, the rule one of
+        ``non-finite loss``, ``non-finite update``, ``loss blow-up``
+        (:class:`~sdze_core.training.Divergence`).
     out : pathlib.Path or None
         The output folder.
+    files : list of str
+        The files this run wrote into ``out`` (``checkpoint.npz`` only if a
+        good state was saved, the plots only if asked for).
     """
 
     params: Any
@@ -342,6 +382,7 @@ class SolveResult:
     status: str
     out: pathlib.Path | None
     run: Run
+    files: list = dataclasses.field(default_factory=list)
 
     @property
     def checkpoint(self) -> pathlib.Path | None:
@@ -401,7 +442,8 @@ class _Progress:
             self.bar.close()
 
 
-def _plot(out: pathlib.Path, history: list, title: str) -> None:
+def _plot(out: pathlib.Path, history: list, title: str) -> list[str]:
+    """Write loss.png (and error.png when the records have errors): the names written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -415,16 +457,18 @@ def _plot(out: pathlib.Path, history: list, title: str) -> None:
     fig.tight_layout()
     fig.savefig(out / "loss.png", dpi=120)
     plt.close(fig)
-    if history and "rel_l2" in history[0]:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.semilogy(steps, [r["rel_l2"] for r in history], marker=".", label="relative L2")
-        ax.semilogy(steps, [r["rel_linf"] for r in history], marker=".", label="relative L∞")
-        ax.set(xlabel="step", ylabel="error on the test points", title=title)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "error.png", dpi=120)
-        plt.close(fig)
+    if not (history and "rel_l2" in history[0]):
+        return ["loss.png"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.semilogy(steps, [r["rel_l2"] for r in history], marker=".", label="relative L2")
+    ax.semilogy(steps, [r["rel_linf"] for r in history], marker=".", label="relative L∞")
+    ax.set(xlabel="step", ylabel="error on the test points", title=title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "error.png", dpi=120)
+    plt.close(fig)
+    return ["loss.png", "error.png"]
 
 
 def _write_json(path: pathlib.Path, data: dict) -> None:
@@ -498,11 +542,19 @@ def solve(
         if problem is None or dim is None:
             raise TypeError("solve() needs a problem and a dimension (or resume=CHECKPOINT)")
         run = build(SolverConfig(problem, dim, **settings))
+    with use(run.backend):  # every draw of the run (backend_of's too) in the config's rng mode
+        return _train(run, checkpoint_state, out, quiet, plots)
+
+
+def _train(run: Run, checkpoint_state, out, quiet: bool, plots: bool) -> SolveResult:
+    """The run of :func:`solve`, in ``use(run.backend)``."""
     config = run.config
     if out == "auto":
         out = default_out(config)
     out = None if out is None else pathlib.Path(out)
     if out is not None:
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"out must be a folder; {out} is an existing file")
         out.mkdir(parents=True, exist_ok=True)
 
     if checkpoint_state is None:
@@ -512,6 +564,8 @@ def solve(
         params = checkpoint_state.params
         records = checkpoint_state.extra["train"]
         state = TrainState(checkpoint_state.state, **records)
+
+    saved_steps = []  # the steps this run wrote checkpoints of
 
     def save(params, state: TrainState) -> None:
         if out is not None:
@@ -524,6 +578,7 @@ def solve(
                        "coefficients": run.backend.to_host(run.problem.coefficients).tolist()
                        if config.dim <= 100_000 else "regenerated from the seed"},
             )
+            saved_steps.append(state.step)
             progress.last = time.perf_counter()  # the write is not part of the next step
 
     label = f"{config.problem} d={config.dim} {config.method}"
@@ -536,22 +591,20 @@ def solve(
             run.method, run.loss, params, state, config.steps,
             model=run.model, test=run.test, eval_every=config.eval_every,
             checkpoint_every=config.checkpoint_every, blowup=config.blowup,
-            on_step=progress.step, on_eval=progress.eval, on_checkpoint=save,
+            on_step=progress.step, on_eval=progress.eval,
+            on_checkpoint=None if out is None else save,
         )
     finally:
         progress.close()
     wall = time.perf_counter() - start
     params, state = result.params, result.state
     divergence: Divergence | None = result.divergence
-    status = "completed" if divergence is None else f"diverged: {divergence.reason}"
+    status = "completed" if divergence is None else (
+        f"diverged: {divergence.reason} at step {divergence.step}"
+    )
     if divergence is not None:
         print(divergence.message, file=sys.stderr)
-        if divergence.reason == "non-finite loss":
-            save(params, state)  # the last good state
-        elif out is not None and (out / "checkpoint.npz").exists():
-            saved = load_checkpoint(out / "checkpoint.npz", run.backend)
-            params = saved.params
-            state = TrainState(saved.state, **saved.extra["train"])
+        params, state = _last_good(run, out, result, save, saved_steps)
     _, params = run.method.merge(params, state.method)
     final = run.test.errors(run.model, params)
     done = state.step - first_step
@@ -573,12 +626,38 @@ def solve(
         "versions": _versions(run.backend),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
     }
+    files = []
     if out is not None:
         _write_json(out / "metrics.json", metrics)
+        files = ["metrics.json"] + (["checkpoint.npz"] if saved_steps else [])
         if plots and state.history:
-            _plot(out, state.history, label)
+            files += _plot(out, state.history, label)
     return SolveResult(params, final["rel_l2"], final["rel_linf"], state.history, metrics,
-                       status, out, run)
+                       status, out, run, files)
+
+
+def _last_good(run: Run, out, result, save, saved_steps):
+    """After a divergence: the last state whose loss was finite and not blown up, on disk.
+
+    The network before a non-finite update is one (saved now); otherwise it
+    is the last checkpoint this run wrote (every one was checked before it
+    was written), reloaded. With neither, the diverged state is returned
+    and nothing is written; each case says so on stderr.
+    """
+    params, state = result.params, result.state
+    if result.good and out is not None:
+        save(params, state)
+        print(f"saved the last good state (step {state.step}) to {out / 'checkpoint.npz'}",
+              file=sys.stderr)
+    elif not result.good and saved_steps:
+        saved = load_checkpoint(out / "checkpoint.npz", run.backend)
+        params, state = saved.params, TrainState(saved.state, **saved.extra["train"])
+        print(f"kept the last good state (step {state.step}) in {out / 'checkpoint.npz'}",
+              file=sys.stderr)
+    elif not result.good:
+        print("no good state was saved: the run diverged before its first checkpoint; the "
+              "errors reported are the diverged network's", file=sys.stderr)
+    return params, state
 
 
 def evaluate_checkpoint(path, backend=None, test_points: int | None = None) -> dict:

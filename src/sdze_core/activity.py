@@ -51,6 +51,7 @@ from array_api_compat import array_namespace
 from . import jets
 from .keys import Key, fold_in
 from .perturbers import ESTIMATORS, NonFiniteLossError, default_eps
+from .perturbers import NonFiniteUpdateError as _EngineUpdateError
 from .registry import backend_of
 
 __all__ = [
@@ -808,7 +809,7 @@ class ActivityPerturbation:
         try:
             plan, opt_state = self.optimizer.plan(params, grads, state.optimizer, t)
         except NonFiniteUpdateError as error:
-            raise NonFiniteLossError(
+            raise _EngineUpdateError(
                 f"step {t}: {error} (the error's .params and .state hold the last good state). "
                 "Lower the learning rate.",
                 step=t,

@@ -15,7 +15,9 @@ One step t, with the run's key k::
 
 Spatial and parameter randomness come from separate branches of the key
 tree, so redrawing z never changes ξ. A NaN or Inf among the losses raises
-:class:`~sdze_core.perturbers.NonFiniteLossError` before anything is applied.
+:class:`~sdze_core.perturbers.NonFiniteLossError`, and one in the update
+(e.g. from the learning rate's schedule)
+:class:`~sdze_core.perturbers.NonFiniteUpdateError`, before anything is applied.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from array_api_compat import array_namespace
 
 from .keys import Key, fold_in
 from .optimizers import Optimizer, zo_sgd
-from .perturbers import CRNSPerturber, NonFiniteLossError
+from .perturbers import CRNSPerturber, NonFiniteLossError, NonFiniteUpdateError
 from .registry import backend_of
 from .samplers import LowRankSubspace, Sampler
 
@@ -70,6 +72,23 @@ class StepInfo(NamedTuple):
 
     loss: float
     g: Any
+
+
+def all_finite(tree) -> bool:
+    """Whether every array of a list/tuple/dict tree is free of NaN and Inf (one host sync)."""
+    leaves, stack = [], [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
+        elif node is not None:
+            leaves.append(node)
+    if not leaves:
+        return True
+    xp = array_namespace(leaves[0])
+    return bool(xp.all(xp.stack([xp.all(xp.isfinite(a)) for a in leaves])))
 
 
 @dataclass(frozen=True)
@@ -130,6 +149,9 @@ class SDZE:
             the error's ``params`` and ``state`` are the last good state, the
             network before this step (at a basis refresh the pending update
             has been folded into W: use these, not the arguments).
+        NonFiniteUpdateError
+            If the losses are finite but the update is not (a NaN or Inf
+            learning rate, an overflow): nothing is applied, as above.
         """
         t = state.step
         spatial_key, param_key = self.step_keys(state)
@@ -159,6 +181,16 @@ class SDZE:
             sampler_state = self.sampler.observe(sampler_state, *estimate.observation)
         coords = self.sampler.project(directions, estimate.g)
         updates, opt_state = self.optimizer.update(coords, opt_state, t)
+        if not all_finite(updates):
+            raise NonFiniteUpdateError(
+                f"step {t}: the update is not finite although the losses are (check the "
+                "learning rate and its schedule); the step was not applied (the error's "
+                ".params and .state hold the last good state).",
+                step=t,
+                losses=backend_of(estimate.g).to_host(estimate.losses).tolist(),
+                params=params,
+                state=before,
+            )
         sampler_state, params = self.sampler.apply(sampler_state, params, directions, updates)
         new_state = SDZEState(t + 1, state.key, sampler_state, opt_state)
         return params, new_state, StepInfo(float(estimate.loss), estimate.g)

@@ -26,11 +26,12 @@ from typing import Any, NamedTuple
 import array_api_compat
 from array_api_compat import array_namespace
 
-from .engine import StepInfo, step_keys
+from .engine import StepInfo, all_finite, step_keys
 from .keys import Key, fold_in
 from .optimizers import as_schedule, linear_decay
-from .perturbers import NonFiniteLossError
+from .perturbers import NonFiniteLossError, NonFiniteUpdateError
 from .registry import backend_of
+from .validation import fraction, positive_number
 
 __all__ = ["FirstOrderAdam", "FirstOrderState"]
 
@@ -108,12 +109,9 @@ class FirstOrderAdam:
 
     def __post_init__(self):
         as_schedule(self.learning_rate)  # validates a float
-        for name in ("b1", "b2"):
-            value = getattr(self, name)
-            if not 0.0 <= float(value) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {value!r}")
-        if not float(self.eps) > 0.0:
-            raise ValueError(f"eps must be positive, got {self.eps!r}")
+        fraction("b1", self.b1)
+        fraction("b2", self.b2)
+        positive_number("eps", self.eps)
 
     def init(self, key: Key, params) -> FirstOrderState:
         """State for a run from ``key``: zero moments, step keys from
@@ -145,6 +143,9 @@ class FirstOrderAdam:
         NonFiniteLossError
             If ℓ(θ; ξ_t) is NaN or Inf. Nothing is applied: the error's
             ``params`` and ``state`` are the arguments.
+        NonFiniteUpdateError
+            If the loss is finite but the gradient or the learning rate is not:
+            nothing is applied, as above.
         """
         t = state.step
         spatial_key, _ = self.step_keys(state)
@@ -163,6 +164,16 @@ class FirstOrderAdam:
             )
         count = state.count + 1
         lr = as_schedule(self.learning_rate)(t)
+        if not (math.isfinite(lr) and all_finite(grads)):
+            raise NonFiniteUpdateError(
+                f"step {t}: the update is not finite although the loss is ({value}; learning "
+                f"rate {lr}); the step was not applied (the error's .params and .state hold "
+                "the last good state).",
+                step=t,
+                losses=[value],
+                params=params,
+                state=state,
+            )
         b1, b2, eps = float(self.b1), float(self.b2), float(self.eps)
         step_size, c2 = lr / (1 - b1**count), 1 - b2**count
         new_params, mu, nu = [], [], []

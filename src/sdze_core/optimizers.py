@@ -36,6 +36,8 @@ from typing import Any, NamedTuple
 
 from array_api_compat import array_namespace
 
+from .validation import count, fraction, nonnegative_number, positive_number
+
 __all__ = [
     "Optimizer",
     "constant",
@@ -58,35 +60,30 @@ Schedule = Callable[[int], float]
 
 
 def constant(value: float) -> Schedule:
-    """η_t = value."""
-    value = float(value)
+    """η_t = value (finite, >= 0: 0 freezes the parameters)."""
+    value = nonnegative_number("learning_rate", value)
     return lambda step: value
 
 
 def linear_decay(init_value: float, decay_steps: int, end_value: float = 0.0) -> Schedule:
     """η_t = init + (end − init) min(t, T) / T (STDE's schedule with end = 0)."""
-    if decay_steps < 1:
-        raise ValueError(f"decay_steps must be >= 1, got {decay_steps!r}")
-    a, b, T = float(init_value), float(end_value), int(decay_steps)
+    a, T = positive_number("init_value", init_value), count("decay_steps", decay_steps)
+    b = nonnegative_number("end_value", end_value)
     return lambda step: a + (b - a) * min(int(step), T) / T
 
 
 def cosine_decay(init_value: float, decay_steps: int, alpha: float = 0.0) -> Schedule:
     """η_t = init ((1 − α) (1 + cos(π min(t, T) / T)) / 2 + α)."""
-    if decay_steps < 1:
-        raise ValueError(f"decay_steps must be >= 1, got {decay_steps!r}")
-    a, T, alpha = float(init_value), int(decay_steps), float(alpha)
+    a, T = positive_number("init_value", init_value), count("decay_steps", decay_steps)
+    alpha = fraction("alpha", alpha, closed=True)
     return lambda step: a * ((1 - alpha) * 0.5 * (1 + cos(pi * min(int(step), T) / T)) + alpha)
 
 
 def as_schedule(learning_rate) -> Schedule:
-    """A schedule from a float (constant) or a callable (kept)."""
+    """A schedule from a float (constant, finite and > 0) or a callable (kept)."""
     if callable(learning_rate):
         return learning_rate
-    value = float(learning_rate)
-    if not value > 0.0:
-        raise ValueError(f"learning rate must be positive, got {learning_rate!r}")
-    return constant(value)
+    return constant(positive_number("learning_rate", learning_rate))
 
 
 # -- coordinate trees (lists of dicts of arrays) ---------------------------------------------
@@ -206,9 +203,7 @@ def zo_sgd(
     on_refresh : {"project", "reset"}
     """
     schedule = as_schedule(learning_rate)
-    beta = float(momentum)
-    if not 0.0 <= beta < 1.0:
-        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+    beta = fraction("momentum", momentum)
     _check_on_refresh(on_refresh)
 
     def init(coords) -> SGDState:
@@ -252,9 +247,8 @@ def zo_adam(
     default) or projected (``on_refresh``).
     """
     schedule = as_schedule(learning_rate)
-    for name, value in (("b1", b1), ("b2", b2)):
-        if not 0.0 <= float(value) < 1.0:
-            raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    b1, b2 = fraction("b1", b1), fraction("b2", b2)
+    eps = positive_number("eps", eps)
     _check_on_refresh(on_refresh)
 
     def init(coords) -> AdamState:

@@ -34,8 +34,16 @@ from typing import Any, NamedTuple
 from array_api_compat import array_namespace
 
 from .keys import Key, fold_in
+from .validation import positive_number
 
-__all__ = ["CRNSPerturber", "ZOEstimate", "NonFiniteLossError", "ESTIMATORS", "default_eps"]
+__all__ = [
+    "CRNSPerturber",
+    "ZOEstimate",
+    "NonFiniteLossError",
+    "NonFiniteUpdateError",
+    "ESTIMATORS",
+    "default_eps",
+]
 
 #: Gradient estimators of :class:`CRNSPerturber`.
 ESTIMATORS = ("central", "forward")
@@ -64,6 +72,20 @@ class NonFiniteLossError(FloatingPointError):
         self.losses = list(losses)
         self.params = params
         self.state = state
+
+
+    #: The divergence rule it reports (``Divergence.reason``).
+    reason = "non-finite loss"
+
+
+class NonFiniteUpdateError(NonFiniteLossError):
+    """The losses were finite but the step's update was NaN or Inf: it was not applied.
+
+    As :class:`NonFiniteLossError`; ``params`` and ``state`` are the network
+    before the step, whose loss (the mean of ``losses``) was finite.
+    """
+
+    reason = "non-finite update"
 
 
 class ZOEstimate(NamedTuple):
@@ -141,8 +163,8 @@ class CRNSPerturber:
             raise ValueError(
                 f"unknown estimator {self.estimator!r}; known: {', '.join(ESTIMATORS)}"
             )
-        if self.eps is not None and not (float(self.eps) > 0.0):
-            raise ValueError(f"eps must be positive, got {self.eps!r}")
+        if self.eps is not None:
+            positive_number("eps", self.eps)
         if self.estimator == "forward" and not self.crns:
             raise ValueError("the forward gradient has no ± sides: crns=False does not apply")
 
@@ -172,7 +194,7 @@ class CRNSPerturber:
             h = _COMPLEX_STEP[_dtype_name(params[0]["W"])]
             xi = loss.sample(key)
             hook = sampler.hook(sampler_state, directions, queries, [complex(0.0, h)] * q)
-            values = loss(params, xi, hook)
+            values = _batched(loss(params, xi, hook), q)
             xp = array_namespace(values)
             return ZOEstimate(xp.imag(values) / h, xp.mean(xp.real(values)), values)
         eps = self.eps_for(params)
@@ -180,23 +202,42 @@ class CRNSPerturber:
         if self.crns:
             xi = loss.sample(key)
             hook = sampler.hook(sampler_state, directions, queries * 2, [eps] * q + [-eps] * q)
-            if getattr(sampler, "wants_residuals", False) and hasattr(loss, "residuals"):
+            if getattr(sampler, "wants_residuals", False):
+                if not hasattr(loss, "residuals"):
+                    raise TypeError(
+                        f"{type(sampler).__name__}(residual_aligned=True) aligns its basis "
+                        f"with the loss's residuals, and a {type(loss).__name__} has none "
+                        "(no .residuals): use a ResidualLoss or residual_aligned=False"
+                    )
                 values, observation = _values_and_mean_residual(loss, params, xi, hook)
             else:
                 values = loss(params, xi, hook)
+            values = _batched(values, 2 * q)
         else:
             plus = sampler.hook(sampler_state, directions, queries, [eps] * q)
             minus = sampler.hook(sampler_state, directions, queries, [-eps] * q)
             xp = array_namespace(params[0]["W"])
             values = xp.concat(
                 [
-                    loss(params, loss.sample(fold_in(key, "plus")), plus),
-                    loss(params, loss.sample(fold_in(key, "minus")), minus),
+                    _batched(loss(params, loss.sample(fold_in(key, "plus")), plus), q),
+                    _batched(loss(params, loss.sample(fold_in(key, "minus")), minus), q),
                 ]
             )
         xp = array_namespace(values)
         g = (values[:q] - values[q:]) / (2.0 * eps)
         return ZOEstimate(g, xp.mean(values), values, observation)
+
+
+def _batched(values, count: int):
+    """``values`` if it holds one loss per perturbed network, shape (count,); else a clear error."""
+    shape = tuple(getattr(values, "shape", ()))
+    if shape != (count,):
+        raise ValueError(
+            f"the loss returned shape {shape} for a batch of {count} perturbed networks; it "
+            f"must return one loss per network, shape ({count},): pass its third argument "
+            "(the perturbation hook) on to the model as linear=... (see ResidualLoss)"
+        )
+    return values
 
 
 def _values_and_mean_residual(loss, params, xi, hook):

@@ -26,7 +26,8 @@ from typing import Any
 from array_api_compat import array_namespace
 
 from .keys import Key, fold_in
-from .perturbers import NonFiniteLossError
+from .perturbers import NonFiniteLossError, NonFiniteUpdateError
+from .validation import SettingError, count, positive_number
 
 __all__ = ["TestSet", "TrainState", "TrainResult", "Divergence", "train", "block_points"]
 
@@ -124,9 +125,14 @@ class TestSet:
             diff = u - u_star
             sq_err += float(xp.sum(diff * diff))
             sq_ref += float(xp.sum(u_star * u_star))
-            max_err = max(max_err, float(xp.max(xp.abs(diff))))
-            max_ref = max(max_ref, float(xp.max(xp.abs(u_star))))
+            max_err = _max(max_err, float(xp.max(xp.abs(diff))))
+            max_ref = _max(max_ref, float(xp.max(xp.abs(u_star))))
         return {"rel_l2": math.sqrt(sq_err / sq_ref), "rel_linf": max_err / max_ref}
+
+
+def _max(a: float, b: float) -> float:
+    """max(a, b), NaN if either is (Python's ``max`` keeps the first on a NaN)."""
+    return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
 
 
 @dataclass
@@ -146,7 +152,8 @@ class TrainState:
     loss_sum, loss_count : float, int
         The training losses since the last record.
     best_loss : float
-        The smallest recorded mean loss (for the blow-up test).
+        The blow-up test's reference: the run's first loss, then the smallest
+        recorded mean loss when lower.
     """
 
     method: Any
@@ -173,7 +180,13 @@ class TrainState:
 
 @dataclass(frozen=True)
 class Divergence:
-    """Why a run stopped early: ``reason`` ("non-finite loss" or "loss blow-up") at ``step``."""
+    """Why a run stopped early: the rule that fired, at the step whose loss or update broke it.
+
+    ``reason`` is ``"non-finite loss"`` (a loss at θ_t, perturbed or not, is
+    NaN or Inf), ``"non-finite update"`` (the losses were finite, the update
+    was not) or ``"loss blow-up"`` (a loss exceeds ``blowup`` times the
+    reference, see :func:`train`); ``step`` is t, the index of the step.
+    """
 
     reason: str
     step: int
@@ -184,15 +197,18 @@ class Divergence:
 class TrainResult:
     """The end of :func:`train`: parameters, loop state, and the divergence if any.
 
-    On a non-finite loss ``params`` and ``state`` are the last good ones (the
-    network before the failed step). On a loss blow-up they are the blown-up
-    ones: the last good state is the last checkpoint (``on_checkpoint`` is
-    not called once the loss has blown up).
+    ``good`` says whether ``params`` and ``state`` are a state whose loss was
+    finite and not blown up: always without a divergence, and on a
+    non-finite update (the network before the step). Otherwise (a non-finite
+    or blown-up loss) they are not: the last good state is the last one
+    given to ``on_checkpoint``, which is only called for a state whose loss
+    was checked.
     """
 
     params: Any
     state: TrainState
     divergence: Divergence | None = None
+    good: bool = True
 
 
 def train(
@@ -229,34 +245,61 @@ def train(
     checkpoint_every : int, optional
         Call ``on_checkpoint(params, state)`` every this many steps and at the
         end (default: at each evaluation). The callback must not change them.
+        Before each call the loss of the network to be saved is evaluated (on
+        the next step's ξ): a non-finite or blown-up one stops the run
+        instead, so every state given to ``on_checkpoint`` had a good loss.
     blowup : float
-        Stop when a record's mean loss exceeds ``blowup`` times the best
-        earlier record's (``inf`` disables the test).
+        Stop when a step's loss, or a record's mean loss, exceeds ``blowup``
+        times the reference: the smaller of the run's first loss and the best
+        earlier record's mean (``inf`` disables the test; a reference <= 0,
+        possible with the unbiased loss, disables it until a positive one).
     on_step, on_eval
         Progress callbacks: ``on_step(step, loss)`` after each step,
         ``on_eval(record)`` after each evaluation.
+
+    Stops early with a :class:`Divergence` in the result; see
+    :class:`TrainResult` for which state it returns.
     """
-    checkpoint_every = checkpoint_every or eval_every
+    count("steps", steps, minimum=0)
+    eval_every = count("eval_every", eval_every)
+    checkpoint_every = eval_every if checkpoint_every is None else count(
+        "checkpoint_every", checkpoint_every
+    )
+    if not positive_number("blowup", blowup, allow_inf=True) > 1.0:
+        raise SettingError("blowup", "a number > 1 (inf disables the test)", blowup)
     # Training time only: the clock is paused during evaluations and checkpoints.
     start_clock = time.perf_counter() - state.elapsed
 
     def clock() -> float:
         return time.perf_counter() - start_clock
 
+    def stop(reason: str, t: int, message: str, good: bool = False) -> TrainResult:
+        state.elapsed = clock()
+        return TrainResult(params, state, Divergence(reason, t, message), good)
+
     while state.step < steps:
+        t = state.step
         try:
             params, state.method, info = method.step(loss, params, state.method)
         except NonFiniteLossError as error:
             params, state.method = error.params, error.state
-            state.elapsed = clock()
-            return TrainResult(params, state, Divergence("non-finite loss", error.step, str(error)))
+            mean = sum(complex(v).real for v in error.losses) / max(1, len(error.losses))
+            good = isinstance(error, NonFiniteUpdateError) and _blown_up(
+                mean, state, blowup
+            ) is None
+            return stop(error.reason, error.step, str(error), good)
+        if state.best_loss == math.inf and info.loss > 0.0:
+            state.best_loss = info.loss  # the first loss is the reference until a record
         state.loss_sum += info.loss
         state.loss_count += 1
-        t = state.step
         if on_step is not None:
-            on_step(t, info.loss)
-        if t % eval_every == 0 or t == steps:
-            record = {"step": t, "loss": state.loss_sum / state.loss_count, "time": clock()}
+            on_step(t + 1, info.loss)
+        blown = _blown_up(info.loss, state, blowup)
+        if blown is not None:
+            return stop("loss blow-up", t, f"step {t}: the loss {blown}")
+        done = state.step
+        if done % eval_every == 0 or done == steps:
+            record = {"step": done, "loss": state.loss_sum / state.loss_count, "time": clock()}
             paused = time.perf_counter()
             if test is not None:
                 record |= test.errors(model, params, method.hook(params, state.method))
@@ -265,19 +308,41 @@ def train(
             state.loss_sum, state.loss_count = 0.0, 0
             if on_eval is not None:
                 on_eval(record)
-            if record["loss"] > blowup * state.best_loss:
-                state.elapsed = clock()
-                message = (
-                    f"step {t}: the mean loss {record['loss']:.3e} is more than {blowup:g} times "
-                    f"the best earlier one ({state.best_loss:.3e}); stopped. The last checkpoint "
-                    "holds the last good state."
-                )
-                return TrainResult(params, state, Divergence("loss blow-up", t, message))
+            blown = _blown_up(record["loss"], state, blowup)
+            if blown is not None:
+                return stop("loss blow-up", done, f"step {done}: the mean loss {blown}")
             state.best_loss = min(state.best_loss, record["loss"])
-        if on_checkpoint is not None and (t % checkpoint_every == 0 or t == steps):
+        if on_checkpoint is not None and (done % checkpoint_every == 0 or done == steps):
+            paused = time.perf_counter()
+            value = _current_loss(method, loss, params, state.method)
+            start_clock += time.perf_counter() - paused
+            if not math.isfinite(value):
+                return stop("non-finite loss", done, f"step {done}: the loss of the network "
+                            f"to be saved is not finite ({value}); it was not saved.")
+            blown = _blown_up(value, state, blowup)
+            if blown is not None:
+                return stop("loss blow-up", done, f"step {done}: the loss of the network to "
+                            f"be saved {blown}; it was not saved")
             state.elapsed = clock()
             paused = time.perf_counter()
             on_checkpoint(params, state)
             start_clock += time.perf_counter() - paused
     state.elapsed = clock()
     return TrainResult(params, state)
+
+
+def _blown_up(value: float, state: TrainState, blowup: float) -> str | None:
+    """The blow-up rule's words if ``value`` breaks it (``None`` if not)."""
+    reference = state.best_loss
+    if not (reference > 0.0 and value > blowup * reference):
+        return None
+    return (
+        f"{value:.3e} is more than {blowup:g} times the reference ({reference:.3e}, the "
+        "smaller of the first loss and the best record); stopped."
+    )
+
+
+def _current_loss(method, loss, params, method_state) -> float:
+    """ℓ(θ; ξ) of the current network (pending updates included) on the next step's ξ."""
+    spatial, _ = method.step_keys(method_state)
+    return float(loss(params, loss.sample(spatial), method.hook(params, method_state)))
