@@ -126,7 +126,14 @@ def _add_solve(commands) -> None:
     g.add_argument("--learning-rate", type=float)
     g.add_argument("--schedule", choices=SCHEDULES)
     g.add_argument("--adam-b2", type=float, help="Adam's (and ZO-Adam's) second-moment decay")
-    g.add_argument("--num-queries", type=int, help="SDZE: perturbations per step q")
+    g.add_argument("--perturbation", choices=("activity", "subspace"),
+                   help="SDZE: perturb activities (default) or weights in low-rank subspaces")
+    g.add_argument("--optimizer", choices=("adafactor", "adam", "sgd"),
+                   help="SDZE with activity perturbations: the optimizer (default adafactor; "
+                   "adam keeps 2 P moments)")
+    g.add_argument("--num-queries", type=int,
+                   help="SDZE: perturbations per step q (activity: per layer, default 1; "
+                   "subspace: default 5)")
     g.add_argument("--eps", type=float, help="SDZE: finite-difference step ε")
     g.add_argument("--estimator", choices=ESTIMATORS, help="SDZE: central difference or forward")
     g.add_argument("--rank", type=int, help="SDZE: subspace rank r")

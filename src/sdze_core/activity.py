@@ -67,7 +67,7 @@ __all__ = [
 ]
 
 #: Largest temporary (elements) when a first-layer update is streamed over columns.
-_CHUNK_ELEMENTS = 1 << 22
+_CHUNK_ELEMENTS = 1 << 20
 
 _COMPLEX_STEP = {"float32": 1e-10, "float64": 1e-20}
 
