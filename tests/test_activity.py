@@ -176,3 +176,22 @@ def test_solver_records_the_activity_settings(tmp_path):
                                                                            "adafactor", 1)
     assert isinstance(result.run.method, ActivityPerturbation)
     _ = key
+
+
+def test_adafactor_steps_with_gradients_of_order_1e12_in_float32(backend):
+    """Losses ~1e24 at d = 1e6 give gradients ~1e12: R_i C_j (~1e48) must not be formed."""
+    b = backend.with_config(dtype="float32")
+    params = params_like(b, [(4, 9)])
+    params = [{k: b.asarray(v, dtype=b.dtype) for k, v in p.items()} for p in params]
+    g = random_gradient(b, 4, 9)
+    g = LayerGradient([b.asarray(x * 1e6, dtype=b.dtype) for x in g.left],
+                      [b.asarray(x * 1e6, dtype=b.dtype) for x in g.right],
+                      b.asarray(g.bias * 1e12, dtype=b.dtype))
+    before = host(b, params[0]["W"])
+    opt = activity_adafactor(1e-3)
+    plan, state = opt.plan(params, [g], opt.init(params), 0)
+    params, state = opt.commit(params, [g], plan, state)
+    step = host(b, params[0]["W"]) - before
+    assert np.all(np.isfinite(step))
+    # a normalised first step: about the learning rate per entry, not 0 (v̂ = inf)
+    assert 1e-4 < np.median(np.abs(step)) < 1e-2

@@ -626,9 +626,11 @@ def _squared_sums(g: LayerGradient):
 
 
 def _factored_scale(R, C, c2, eps):
+    """1 / (√v̂ + 1e-8) with v̂_ij = R_i C_j / mean(R) / c2, as the product of a row
+    and a column factor: R_i C_j itself overflows float32 when the loss is ~1e12."""
     xp = array_namespace(R)
-    v = (R[:, None] * C[None, :]) / (xp.mean(R) * c2)
-    return 1.0 / (xp.sqrt(v) + 1e-8 + eps)
+    rows = xp.sqrt(R / (xp.mean(R) * c2) + eps)
+    return 1.0 / (rows[:, None] * xp.sqrt(C + eps)[None, :] + 1e-8)
 
 
 #: The optimizers of :class:`ActivityPerturbation` by name.
