@@ -52,15 +52,15 @@ def main(argv=None):
         k = key(100 + i)
         x = timed("points", lambda k=k: sample_ball(b, k, 100, args.dim))
         timed("forcing", lambda x=x: run.problem.forcing(x))
-        timed("gemm", lambda x=x: x @ params[0]["W"].T)
+        timed("gemm", lambda x=x, W=params[0]["W"]: x @ W.T)
         del x
         spatial, param = method.step_keys(state)
-        grads, _, _ = timed("estimate", lambda s=spatial, p=param: method.estimate(
-            run.loss, params, s, p))
-        plan, opt_state = timed("plan", lambda g=grads: method.optimizer.plan(
-            params, g, state.optimizer, state.step))
-        params, opt_state = timed("commit", lambda g=grads, pl=plan, o=opt_state:
-                                  method.optimizer.commit(params, g, pl, o))
+        grads, _, _ = timed("estimate", lambda s=spatial, p=param, th=params: method.estimate(
+            run.loss, th, s, p))
+        plan, opt_state = timed("plan", lambda g=grads, th=params, st=state: method.optimizer.plan(
+            th, g, st.optimizer, st.step))
+        params, opt_state = timed("commit", lambda g=grads, pl=plan, o=opt_state, th=params:
+                                  method.optimizer.commit(th, g, pl, o))
         state = state._replace(step=state.step + 1, optimizer=opt_state)
     medians = {name: statistics.median(v) for name, v in phases.items()}
     gemm = medians["gemm"]
