@@ -83,9 +83,16 @@ def test_nested_autodiff_refuses_a_perturbation_hook():
 
 
 def test_solver_builds_every_method():
+    from sdze_core.activity import ActivityPerturbation
+
+    for method in ("sdze", "sdze-naive"):
+        run = build(SolverConfig("poisson-two-body", 6, method=method, backend="numpy"))
+        assert isinstance(run.method, ActivityPerturbation)
+        assert run.method.crns == (method != "sdze-naive")
     cases = {"sdze": "LowRankSubspace", "sdze-naive": "LowRankSubspace", "zo-full": "FullGaussian"}
     for method, sampler in cases.items():
-        run = build(SolverConfig("poisson-two-body", 6, method=method, backend="numpy"))
+        run = build(SolverConfig("poisson-two-body", 6, method=method, backend="numpy",
+                                 perturbation="subspace"))
         assert type(run.method.sampler).__name__ == sampler
         assert run.method.perturber.crns == (method != "sdze-naive")
     run = build(SolverConfig("poisson-two-body", 6, method="zo-full", backend="numpy"))

@@ -30,6 +30,7 @@ import json, os, signal, sys
 import sdze
 import sdze.solver as solve_module
 from sdze import checkpoint
+from sdze_core.activity import ActivityPerturbation
 from sdze_core.perturbers import CRNSPerturber
 
 out, settings, phase, when = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], int(sys.argv[4])
@@ -56,6 +57,7 @@ def counted(real, at, where):
 
 if phase == "mid-step":  # inside step `when`, between its perturbed evaluations and its update
     CRNSPerturber.estimate = counted(CRNSPerturber.estimate, when, "after")
+    ActivityPerturbation.estimate = counted(ActivityPerturbation.estimate, when, "after")
 elif phase == "after-save":  # right after the `when`-th checkpoint was renamed into place
     solve_module.save_checkpoint = counted(solve_module.save_checkpoint, when, "after")
 else:  # "mid-save": halfway through the first weights of the `when`-th checkpoint

@@ -92,7 +92,8 @@ def test_no_plots_line_names_only_what_was_written(tmp_path, capsys):
 
 
 def test_load_network_merges_the_pending_update(tmp_path):
-    result = small(tmp_path, steps=8, refresh_every=100)  # no refresh: A holds every step
+    result = small(tmp_path, steps=8, refresh_every=100,  # no refresh: A holds every step
+                   perturbation="subspace")
     path = result.checkpoint
     ckpt = sdze.load_checkpoint(path, "numpy")
     assert any(np.any(A != 0) for A in ckpt.state.sampler.pending)
