@@ -1,6 +1,6 @@
 """Guarantees of the activity-perturbation estimator (docs/sdze.md, "Activity perturbation").
 
-On a small Allen–Cahn-type PINN (d = 5, a 6-6 tanh ansatz, B = 6 points, a
+On a small Allen–Cahn-type PINN (d = 5, a 6-6 tanh ansatz, B = 12 points, a
 sparse Laplacian on V = 2 sampled coordinates), float64, every layer:
 
 * **exact activity gradients**: δ_b = ∂ℓ_b/∂a_b, read from the estimator
@@ -36,7 +36,7 @@ from sdze_core.oracles import SparseLaplacian
 
 np = pytest.importorskip("numpy")
 
-D, B, V, WIDTH = 5, 6, 2, 6
+D, B, V, WIDTH = 5, 12, 2, 6
 DRAWS = 300
 
 
@@ -331,7 +331,7 @@ def test_mutation_shared_zeta_across_points_breaks_the_second_moment(backend, mo
         ]
 
     monkeypatch.setattr(activity, "draw_zeta", shared)
-    samples = draws(b, loss, params, ActivityPerturbation(activity_sgd(1.0), eps=1e-5), 150)
+    samples = draws(b, loss, params, ActivityPerturbation(activity_sgd(1.0), eps=1e-5), 300)
     with pytest.raises(AssertionError):
         check_second_moment(formula, samples)
 
