@@ -73,6 +73,9 @@ def solve_one(entry: dict, args) -> dict:
     import sdze
 
     settings = {k: v for k, v in entry.items() if k not in ("label", "problem", "dim")}
+    if settings.get("method", "sdze") in ("sdze", "sdze-naive"):
+        # this study measured the subspace estimator (the default before issue 13)
+        settings.setdefault("perturbation", "subspace")
     if args.steps is not None:
         settings["steps"] = args.steps
     start = time.perf_counter()

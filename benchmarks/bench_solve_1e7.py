@@ -55,6 +55,7 @@ def child(args) -> None:
         eval_every=args.steps,
         test_points=args.test_points,
         num_queries=args.queries,
+        perturbation="subspace",  # results/solve_1e7.json measured the subspace estimator
         out=args.out,
         quiet=True,
     )

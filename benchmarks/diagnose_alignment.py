@@ -23,6 +23,7 @@ from sdze_core.keys import fold_in, key
 
 kw = json.loads(sys.argv[1])
 dim = kw.pop("dim", 1000)
+kw.setdefault("perturbation", "subspace")  # the residual-aligned basis is the subspace's
 cfg = SolverConfig("allen-cahn-two-body", dim, test_points=200, **kw)
 run = build(cfg)
 params = run.model.init(fold_in(key(0), "params"), run.backend)

@@ -175,6 +175,15 @@ def test_solver_records_the_activity_settings(tmp_path):
     assert (config.perturbation, config.optimizer, config.num_queries) == ("activity",
                                                                            "adafactor", 1)
     assert isinstance(result.run.method, ActivityPerturbation)
+    # settings the run does not use are recorded as None, not as defaults it ignored
+    assert (config.rank, config.refresh_every, config.layerwise, config.residual_aligned,
+            config.input_memory) == (None,) * 5
+    subspace = sdze.solver.SolverConfig("poisson-two-body", 5, perturbation="subspace").resolved()
+    assert (subspace.rank, subspace.refresh_every, subspace.residual_aligned) == (8, 100, True)
+    first = sdze.solver.SolverConfig("poisson-two-body", 5, method="first-order").resolved()
+    assert (first.perturbation, first.num_queries, first.rank) == (None, None, None)
+    with pytest.raises(ValueError, match="rank must be"):
+        sdze.solver.SolverConfig("poisson-two-body", 5, rank=0).resolved()
     _ = key
 
 

@@ -106,11 +106,12 @@ class SolverConfig:
     num_queries: int | None = None
     eps: float | None = None
     estimator: str = "central"
-    rank: int = 8
-    refresh_every: int = 100
-    layerwise: bool = True
-    residual_aligned: bool = True
-    input_memory: float = 2.0
+    # the subspace estimator only (None, and recorded so, when the run does not use it)
+    rank: int | None = None
+    refresh_every: int | None = None
+    layerwise: bool | None = None
+    residual_aligned: bool | None = None
+    input_memory: float | None = None
     # evaluation and checkpoints
     eval_every: int | None = None
     test_points: int | None = None
@@ -149,17 +150,30 @@ class SolverConfig:
         _choice("optimizer", c.optimizer, tuple(ACTIVITY_OPTIMIZERS) if activity else ("adam",))
         if c.num_queries is None:
             c.num_queries = ACTIVITY_DEFAULTS["num_queries"] if activity else 5
+        # What a run does not use is recorded as None: the record is what ran.
+        subspace = c.method in ("sdze", "sdze-naive") and c.perturbation == "subspace"
+        for name in ("rank", "refresh_every"):  # checked even where unused: a typo is an error
+            if getattr(c, name) is not None:
+                setattr(c, name, count(name, getattr(c, name)))
+        if c.input_memory is not None:
+            c.input_memory = positive_number("input_memory", c.input_memory)
+        for name, default in SUBSPACE_DEFAULTS.items():
+            value = getattr(c, name)
+            setattr(c, name, (default if value is None else value) if subspace else None)
+        if c.method not in ("sdze", "sdze-naive"):
+            c.perturbation = None
+        if c.method in AUTODIFF_METHODS:
+            c.num_queries = None
         c.seed = count("seed", c.seed, minimum=0)
-        for name in ("width", "depth", "batch_size", "num_directions", "num_queries", "rank",
-                     "refresh_every"):
-            setattr(c, name, count(name, getattr(c, name)))
+        for name in ("width", "depth", "batch_size", "num_directions", "num_queries"):
+            if getattr(c, name) is not None:
+                setattr(c, name, count(name, getattr(c, name)))
         for name in ("steps", "eval_every", "test_points", "checkpoint_every"):
             if getattr(c, name) is not None:
                 setattr(c, name, count(name, getattr(c, name)))
         for name in ("learning_rate", "eps"):
             if getattr(c, name) is not None:
                 setattr(c, name, positive_number(name, getattr(c, name)))
-        c.input_memory = positive_number("input_memory", c.input_memory)
         if not positive_number("blowup", c.blowup, allow_inf=True) > 1.0:
             raise SettingError("blowup", "a number > 1 (inf disables the test)", c.blowup)
         directions = c.dim if EQUATIONS[equation].order == 2 else c.dim * (c.dim - 1) // 2
@@ -208,6 +222,15 @@ def _choice(name: str, value, allowed) -> None:
 #: "subspace" (low-rank weight perturbations); see docs/sdze.md.
 PERTURBATIONS = ("activity", "subspace")
 DEFAULT_PERTURBATION = "activity"
+
+#: Defaults of the subspace estimator's settings (``perturbation="subspace"``).
+SUBSPACE_DEFAULTS = {
+    "rank": 8,
+    "refresh_every": 100,
+    "layerwise": True,
+    "residual_aligned": True,
+    "input_memory": 2.0,
+}
 
 #: Defaults of SDZE with activity perturbations (docs/benchmarks.md: the study that chose them).
 ACTIVITY_DEFAULTS = {
