@@ -61,6 +61,7 @@ VARIANTS = {
     "activity-adam": ("numpy", _activity(activity_adam)),
     "activity-adafactor-3e-3": ("numpy", _activity(activity_adafactor, 3e-3)),
     "activity-adam-3e-3": ("numpy", _activity(activity_adam, 3e-3)),
+    "activity-adafactor-1e-2": ("numpy", _activity(activity_adafactor, 1e-2)),
     "activity-sgd": ("numpy", _activity(activity_sgd, 1e-2)),
     "activity-q2": ("numpy", _activity(activity_adafactor, num_queries=2)),
     "activity-forward": ("numpy", _activity(activity_adafactor, estimator="forward")),
