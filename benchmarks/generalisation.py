@@ -21,7 +21,6 @@ form, O(d) per point, and tested against autodiff (tests/test_generalisation.py)
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from math import sqrt
 from typing import Any, ClassVar
@@ -282,10 +281,6 @@ class GeneralisationProblem:
         return ResidualLoss(
             model, oracle, rhs, lambda k: self.sample_domain(k, batch_size), forcing=self.forcing
         )
-
-
-def replace_model(loss, model):
-    return dataclasses.replace(loss, model=model)
 
 
 __all__ = [

@@ -50,7 +50,7 @@ from array_api_compat import array_namespace
 
 from . import jets
 from .keys import Key, fold_in
-from .perturbers import ESTIMATORS, NonFiniteLossError, default_eps
+from .perturbers import _COMPLEX_STEP, ESTIMATORS, NonFiniteLossError, _dtype_name, default_eps
 from .perturbers import NonFiniteUpdateError as _EngineUpdateError
 from .registry import backend_of
 
@@ -69,12 +69,6 @@ __all__ = [
 #: Largest temporary (elements) when a first-layer update is streamed over columns.
 _CHUNK_ELEMENTS = 1 << 20
 
-_COMPLEX_STEP = {"float32": 1e-10, "float64": 1e-20}
-
-
-def _dtype_name(x) -> str:
-    xp = array_namespace(x)
-    return "float64" if x.dtype in (xp.float64, xp.complex128) else "float32"
 
 
 def _is_index_array(directions) -> bool:
@@ -921,12 +915,11 @@ def _layer_gradient(calls, params, layer: int, position: int, g_all) -> LayerGra
                 index = j if index is None else xp.concat([index, j])
                 columns = cols if columns is None else xp.concat([columns, cols], axis=1)
             continue
-        for k, (w, x_in) in enumerate(zip(weighted, _slots(inputs), strict=True)):
+        for w, x_in in zip(weighted, _slots(inputs), strict=True):
             if w is None or x_in is None:
                 continue
             x_in = _real(x_in)
             x_full = xp.broadcast_to(x_in, tuple(w.shape[:-1]) + (n,))
             left.append(xp.reshape(w, (-1, m)))
             right.append(xp.reshape(x_full, (-1, n)))
-            del k
     return LayerGradient(left, right, bias, index, columns)
