@@ -91,11 +91,14 @@ def conformance(session: nox.Session, backend: str) -> None:
 @nox.session
 def all_backends(session: nox.Session) -> None:
     """numpy, array_api_strict, torch and jax in one environment: switching
-    among them with ``sdze.use`` and the cross-backend agreement tests."""
+    among them with ``sdze.use`` and the cross-backend agreement tests. The rest
+    of the conformance suite runs once per backend in ``conformance``."""
     install(session, "numpy")
     for backend in ("array_api_strict", "torch", "jax"):
         session.install(*backend_requirements(backend, gpu=False))
-    session.run("pytest", "tests/test_backends.py", "conformance", *session.posargs)
+    session.run(
+        "pytest", "tests/test_backends.py", "conformance/test_cross_backend.py", *session.posargs
+    )
 
 
 @nox.session(tags=["gpu"], default=False)
