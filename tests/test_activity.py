@@ -155,6 +155,24 @@ def test_a_non_finite_gradient_is_refused_before_anything_changes(backend):
     np.testing.assert_array_equal(host(b, params[0]["W"]), before)
 
 
+@pytest.mark.parametrize("momentum_max_size", [0, 1 << 20])
+def test_a_layer_left_out_of_training_stays_as_it_is(backend, momentum_max_size):
+    """``ActivityPerturbation(layers=...)`` hands the others a zero gradient: their
+    statistics stay 0, and the step must be 0, not 0/0 (it was NaN)."""
+    from sdze_core.activity import _zero_gradient
+
+    b = backend.with_config(dtype="float64")
+    params = params_like(b, [(4, 9), (3, 4)])
+    before = [{k: host(b, v) for k, v in p.items()} for p in params]
+    opt = activity_adafactor(0.1, momentum_max_size=momentum_max_size)
+    steps = [[_zero_gradient(params[0]), random_gradient(b, 3, 4, seed=t)] for t in range(3)]
+    params, _ = run_steps(opt, b, params, steps)
+    for k in ("W", "b"):
+        np.testing.assert_array_equal(host(b, params[0][k]), before[0][k])
+        moved = host(b, params[1][k]) - before[1][k]
+        assert np.all(np.isfinite(moved)) and np.all(moved != 0)
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="num_queries"):
         ActivityPerturbation(num_queries=0)

@@ -560,7 +560,7 @@ def activity_adafactor(
                     correction = c2
                 else:  # the statistics up to the previous step; this one's in commit
                     correction = 1 - b2 ** (count - 1)
-                r_scale = 1.0 / xp.sqrt(R / (xp.mean(R) * correction) + eps)
+                r_scale = 1.0 / xp.sqrt(R / (xp.mean(R) * correction + eps) + eps)
                 c_scale = 1.0 / xp.sqrt(C + eps)
                 weight = ("streamed", (-lr * r_scale, c_scale, state.count > 0))
             mb = b1 * mb + (1 - b1) * g.bias
@@ -623,7 +623,7 @@ def _factored_scale(R, C, c2, eps):
     """1 / (√v̂ + 1e-8) with v̂_ij = R_i C_j / mean(R) / c2, as the product of a row
     and a column factor: R_i C_j itself overflows float32 when the loss is ~1e12."""
     xp = array_namespace(R)
-    rows = xp.sqrt(R / (xp.mean(R) * c2) + eps)
+    rows = xp.sqrt(R / (xp.mean(R) * c2 + eps) + eps)  # + eps: a layer not trained has R = 0
     return 1.0 / (rows[:, None] * xp.sqrt(C + eps)[None, :] + 1e-8)
 
 
