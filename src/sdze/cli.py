@@ -116,9 +116,16 @@ def _add_solve(commands) -> None:
     p.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint")
     p.add_argument("--quiet", action="store_true", help="log lines instead of a progress bar")
     p.add_argument("--no-plots", action="store_true", help="do not write loss.png, error.png")
+    p.add_argument("--preset", choices=("stde",),
+                   help="a named set of defaults; stde: STDE's experimental setting (3 hidden "
+                   "layers, its initialisation, radius-uniform points, 10k steps, b2 0.999)")
     g = p.add_argument_group("model, estimator and optimizer")
     g.add_argument("--width", type=int)
     g.add_argument("--depth", type=int)
+    g.add_argument("--init-scheme", choices=("glorot", "stde"),
+                   help="weights N(0, 2/(fan_in+fan_out)), biases 0 (default) or STDE's U(±1/√fan)")
+    g.add_argument("--sampling", choices=("volume", "radius"),
+                   help="training and test points uniform in volume (default) or in radius")
     g.add_argument("--batch-size", type=int, help="collocation points per step (default 100)")
     g.add_argument("--num-directions", type=int, help="sampled dimensions V (default 16)")
     g.add_argument("--unbiased", action="store_true", default=None,

@@ -44,12 +44,14 @@ from typing import Any
 from sdze_core.activity import ACTIVITY_OPTIMIZERS, ActivityPerturbation
 from sdze_core.engine import SDZE
 from sdze_core.keys import fold_in, key
+from sdze_core.models import INIT_SCHEMES
 from sdze_core.objectives import ResidualLoss
 from sdze_core.optimizers import constant, cosine_decay, linear_decay, zo_adam, zo_sgd
 from sdze_core.perturbers import CRNSPerturber
 from sdze_core.problems import (
     EQUATIONS,
     PROBLEMS,
+    SAMPLINGS,
     SOLUTIONS,
     default_test_points,
     make_problem,
@@ -91,8 +93,10 @@ class SolverConfig:
     steps: int | None = None
     # the model and the spatial estimator (STDE's settings)
     width: int = 128
-    depth: int = 4
+    depth: int | None = None  # hidden layers, default 4
     activation: str = "tanh"
+    init_scheme: str | None = None  # "glorot" (default) or "stde"
+    sampling: str | None = None  # training and test points: "volume" (default) or "radius"
     batch_size: int = 100
     num_directions: int = 16  # capped at the problem's number of directions (recorded so)
     unbiased: bool = False
@@ -117,6 +121,8 @@ class SolverConfig:
     test_points: int | None = None
     checkpoint_every: int | None = None
     blowup: float = 1e4
+    # a named set of defaults (PRESETS), applied by resolved() to the settings left unset
+    preset: str | None = None
 
     def resolved(self) -> SolverConfig:
         """A copy with every default filled in and every field checked.
@@ -130,6 +136,14 @@ class SolverConfig:
         that backend is the one the run uses, else ``"native"``.
         """
         c = dataclasses.replace(self)
+        if c.preset is not None:
+            _choice("preset", c.preset, tuple(PRESETS))
+            for name, value in PRESETS[c.preset].items():
+                if getattr(c, name) is None:
+                    setattr(c, name, value)
+        for name, value in MODEL_DEFAULTS.items():
+            if getattr(c, name) is None:
+                setattr(c, name, value)
         if c.problem not in PROBLEMS:
             raise ValueError(f"unknown problem {c.problem!r}; known: {', '.join(PROBLEMS)}")
         if c.method not in METHODS:
@@ -145,6 +159,8 @@ class SolverConfig:
         _choice("schedule", c.schedule, SCHEDULES)
         _choice("estimator", c.estimator, ESTIMATORS)
         _choice("dtype", c.dtype, ("float32", "float64"))
+        _choice("init_scheme", c.init_scheme, INIT_SCHEMES)
+        _choice("sampling", c.sampling, SAMPLINGS)
         if c.optimizer is None:
             c.optimizer = ACTIVITY_DEFAULTS["optimizer"] if activity else "adam"
         _choice("optimizer", c.optimizer, tuple(ACTIVITY_OPTIMIZERS) if activity else ("adam",))
@@ -232,6 +248,29 @@ SUBSPACE_DEFAULTS = {
     "input_memory": 2.0,
 }
 
+#: Defaults of the model and the points, where no preset sets them.
+MODEL_DEFAULTS = {"depth": 4, "init_scheme": "glorot", "sampling": "volume"}
+
+#: Named sets of defaults (``SolverConfig(preset=...)``, ``--preset``): a preset fills
+#: the settings a config leaves as None (unset). ``"stde"`` is STDE's experimental
+#: setting (its reference implementation): three hidden tanh layers of 128 with
+#: U(±1/√fan) initialisation, radius-uniform points, Adam 1e-3 with b2 0.999 decaying
+#: linearly over 10 000 steps, 20 000 test points, an evaluation every 1000 steps
+#: (it reports the minimum over the evaluations: ``metrics.json``'s ``min_rel_l2``).
+PRESETS = {
+    "stde": {
+        "depth": 3,
+        "init_scheme": "stde",
+        "sampling": "radius",
+        "steps": 10_000,
+        "learning_rate": 1e-3,
+        "schedule": "linear",
+        "adam_b2": 0.999,
+        "test_points": 20_000,
+        "eval_every": 1000,
+    },
+}
+
 #: Defaults of SDZE with activity perturbations (docs/benchmarks.md: the study that chose them).
 ACTIVITY_DEFAULTS = {
     "optimizer": "adafactor",
@@ -264,6 +303,15 @@ DEFAULT_SCHEDULE = {m: "linear" if m in AUTODIFF_METHODS else "cosine" for m in 
 DEFAULT_ADAM_B2 = {m: 0.99 if m in AUTODIFF_METHODS else 0.999 for m in METHODS}
 
 
+def _best(history: list) -> dict:
+    """The minimum relative L2 error over the evaluations and its step (STDE's metric)."""
+    errors = [r for r in history if math.isfinite(r.get("rel_l2", math.nan))]
+    if not errors:
+        return {"min_rel_l2": None, "min_rel_l2_step": None}
+    best = min(errors, key=lambda r: r["rel_l2"])
+    return {"min_rel_l2": best["rel_l2"], "min_rel_l2_step": best["step"]}
+
+
 def _schedule(config: SolverConfig):
     lr, steps = config.learning_rate, config.steps
     if config.schedule == "constant":
@@ -292,8 +340,9 @@ def build(config: SolverConfig, backend=None) -> Run:
     if backend is None:
         backend = make_backend(config.backend, device=config.device, dtype=config.dtype,
                                rng=config.rng)
-    problem = make_problem(config.problem, config.dim, seed=config.seed, backend=backend)
-    model = problem.model(config.width, config.depth, config.activation)
+    problem = make_problem(config.problem, config.dim, seed=config.seed, backend=backend,
+                           sampling=config.sampling)
+    model = problem.model(config.width, config.depth, config.activation, config.init_scheme)
     loss = ResidualLoss(
         model,
         problem.oracle(config.num_directions),
@@ -639,6 +688,7 @@ def _train(run: Run, checkpoint_state, out, quiet: bool, plots: bool) -> SolveRe
         "final": {"step": state.step, **final},
         "rel_l2": final["rel_l2"],
         "rel_linf": final["rel_linf"],
+        **_best(state.history),
         "wall_time": state.elapsed,
         "wall_time_this_run": wall,
         "steps_this_run": done,

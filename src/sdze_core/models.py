@@ -110,6 +110,10 @@ def conform_to(reference, x, directions=None, owner: str = "params") -> tuple:
     return x, directions
 
 
+#: Initialisations of :class:`MLP` (``init_scheme``).
+INIT_SCHEMES = ("glorot", "stde")
+
+
 @dataclass(frozen=True)
 class MLP:
     """Fully connected network x ↦ W_L σ(... σ(W_1 x + b_1) ...) + b_L.
@@ -122,10 +126,13 @@ class MLP:
     activation : str
         One of :data:`sdze_core.jets.ACTIVATIONS` (default ``"tanh"``), applied
         after every layer but the last.
+    init_scheme : {"glorot", "stde"}
+        How :meth:`init` draws the parameters (default ``"glorot"``).
     """
 
     sizes: tuple[int, ...]
     activation: str = "tanh"
+    init_scheme: str = "glorot"
 
     def __post_init__(self):
         sizes = tuple(int(s) for s in self.sizes)
@@ -135,6 +142,10 @@ class MLP:
             raise ValueError(
                 f"unknown activation {self.activation!r}; known: {', '.join(jets.ACTIVATIONS)}"
             )
+        if self.init_scheme not in INIT_SCHEMES:
+            raise ValueError(
+                f"init_scheme must be one of {', '.join(INIT_SCHEMES)}, got {self.init_scheme!r}"
+            )
         object.__setattr__(self, "sizes", sizes)
 
     @property
@@ -143,17 +154,27 @@ class MLP:
         return len(self.sizes) - 1
 
     def init(self, key: Key, backend) -> Params:
-        """Glorot (Xavier) normal weights and zero biases.
+        """Initial weights and biases, by :attr:`init_scheme`.
 
-        W_l ~ N(0, 2 / (fan_in + fan_out)) of shape (out, in), drawn with
-        ``backend.normal(fold_in(key, l), ...)`` for layer l; b_l = 0.
+        ``"glorot"`` (default): W_l ~ N(0, 2 / (fan_in + fan_out)) of shape
+        (out, in), drawn with ``backend.normal(fold_in(key, l), ...)``; b_l = 0.
+        ``"stde"`` (STDE's reference implementation): W_l ~ U(±1/√fan_in),
+        b_l ~ U(±1/√fan_out), from ``backend.uniform`` with the same keys
+        (the bias from ``fold_in(fold_in(key, l), "bias")``).
         """
         params = []
         for layer, (n_in, n_out) in enumerate(zip(self.sizes[:-1], self.sizes[1:], strict=True)):
-            std = sqrt(2.0 / (n_in + n_out))
-            W = backend.normal(fold_in(key, layer), (n_out, n_in))
-            W *= std  # in place where arrays are mutable: no second P-sized array
-            params.append({"W": W, "b": backend.zeros((n_out,))})
+            k = fold_in(key, layer)
+            if self.init_scheme == "glorot":
+                W = backend.normal(k, (n_out, n_in))
+                W *= sqrt(2.0 / (n_in + n_out))  # in place: no second P-sized array
+                params.append({"W": W, "b": backend.zeros((n_out,))})
+                continue
+            W = backend.uniform(k, (n_out, n_in))
+            W -= 0.5
+            W *= 2.0 / sqrt(n_in)
+            b = (backend.uniform(fold_in(k, "bias"), (n_out,)) - 0.5) * (2.0 / sqrt(n_out))
+            params.append({"W": W, "b": b})
         return params
 
     def _check(self, params: Params, x) -> None:

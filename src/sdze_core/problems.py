@@ -245,6 +245,19 @@ def sample_ball(backend, key: Key, num_points: int, dim: int):
     return _scale_rows(g, radius / xp.sqrt(jets.rowwise_squared_norm(g)))
 
 
+def sample_ball_radial(backend, key: Key, num_points: int, dim: int):
+    """Points of the unit ball with a uniform radius: x = r ξ / ‖ξ‖, ξ ~ N(0, I), r ~ U[0, 1).
+
+    STDE's sampling (training and test points alike). Not uniform in volume:
+    the density ∝ ‖x‖^{1−d} puts as many points at every radius, where
+    uniform-in-volume points in high d all lie near the sphere.
+    """
+    xp = backend.xp
+    g = backend.normal(fold_in(key, "direction"), (num_points, dim))
+    r = backend.uniform(fold_in(key, "radius"), (num_points,))
+    return _scale_rows(g, r / xp.sqrt(jets.rowwise_squared_norm(g)))
+
+
 def sample_annulus(backend, key: Key, num_points: int, dim: int):
     """Uniform points in 1 ≤ ‖x‖ ≤ 2: radius r with density ∝ r^{d−1} on [1, 2].
 
@@ -260,7 +273,13 @@ def sample_annulus(backend, key: Key, num_points: int, dim: int):
     return _scale_rows(g, radius / xp.sqrt(jets.rowwise_squared_norm(g)))
 
 
-_SAMPLERS = {"ball": sample_ball, "annulus": sample_annulus}
+_SAMPLERS = {
+    ("ball", "volume"): sample_ball,
+    ("ball", "radius"): sample_ball_radial,
+    ("annulus", "volume"): sample_annulus,
+}
+#: Point distributions: uniform in volume, or uniform in radius (STDE's; ball only).
+SAMPLINGS = ("volume", "radius")
 
 
 # -- the problem ----------------------------------------------------------------------------
@@ -285,6 +304,9 @@ class Problem:
         Where points and forcing are computed.
     chunk : int
         Columns per block for the closed-form sums.
+    sampling : {"volume", "radius"}
+        Training and test points uniform in the domain's volume (default), or
+        with a uniform radius (STDE's; the ball only).
     """
 
     name: str
@@ -292,6 +314,7 @@ class Problem:
     coefficients: Any
     backend: Any
     chunk: int = DEFAULT_CHUNK
+    sampling: str = "volume"
     equation: Equation = field(init=False)
     solution: TermSum = field(init=False)
 
@@ -299,6 +322,12 @@ class Problem:
         eq, sol = PROBLEMS[self.name]
         object.__setattr__(self, "equation", EQUATIONS[eq])
         object.__setattr__(self, "solution", SOLUTIONS[sol]())
+        if (self.boundary, self.sampling) not in _SAMPLERS:
+            offered = [m for (b, m) in _SAMPLERS if b == self.boundary]
+            raise ValueError(
+                f"sampling {self.sampling!r} is not offered on the {self.boundary} "
+                f"({self.name}); choose one of {', '.join(offered)}"
+            )
         expected = self.solution.num_terms(self.dim)
         if tuple(self.coefficients.shape) != (expected,):
             raise ValueError(
@@ -317,7 +346,8 @@ class Problem:
 
         ``backend`` overrides the problem's (e.g. its portable-draw variant).
         """
-        return _SAMPLERS[self.boundary](backend or self.backend, key, num_points, self.dim)
+        sampler = _SAMPLERS[self.boundary, self.sampling]
+        return sampler(backend or self.backend, key, num_points, self.dim)
 
     def _g(self, norm2):
         g = 1 - norm2
@@ -373,10 +403,12 @@ class Problem:
         return conform_to(self.coefficients, x, owner="problem")[0]
 
     # -- what the solver builds on top
-    def model(self, width: int = 128, depth: int = 4, activation: str = "tanh") -> Ansatz:
+    def model(
+        self, width: int = 128, depth: int = 4, activation: str = "tanh", init_scheme="glorot"
+    ) -> Ansatz:
         """The ansatz g(x) N(x) with N an MLP of ``depth`` hidden layers of ``width``."""
         sizes = (self.dim,) + (width,) * depth + (1,)
-        return Ansatz(MLP(sizes, activation), self.boundary)
+        return Ansatz(MLP(sizes, activation, init_scheme), self.boundary)
 
     def oracle(self, num_directions: int = 16):
         """STDE's sparse estimator of L: V sampled coordinates (Δ) or pairs (Δ²)."""
@@ -394,7 +426,9 @@ class Problem:
         return jets.mul(g, s)
 
 
-def make_problem(name: str, dim: int, seed: int | Key = 0, backend=None, chunk=DEFAULT_CHUNK):
+def make_problem(
+    name: str, dim: int, seed: int | Key = 0, backend=None, chunk=DEFAULT_CHUNK, sampling="volume"
+):
     """The benchmark problem ``name`` in dimension ``dim``, coefficients from ``seed``.
 
     c ~ N(0, I) is drawn with portable draws from ``fold_in(key(seed), "coefficients")``,
@@ -416,7 +450,7 @@ def make_problem(name: str, dim: int, seed: int | Key = 0, backend=None, chunk=D
     backend = backend or get_backend()
     portable = backend.with_config(rng="portable")
     c = portable.normal(fold_in(as_key(seed), "coefficients"), (solution.num_terms(dim),))
-    return Problem(name, dim, c, backend, chunk)
+    return Problem(name, dim, c, backend, chunk, sampling)
 
 
 def default_test_points(dim: int) -> int:
