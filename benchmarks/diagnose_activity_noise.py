@@ -196,6 +196,9 @@ def main(argv=None) -> None:
     out = pathlib.Path(args.out)
     out.write_text(json.dumps(result, indent=1))
     plot(result, out.with_suffix(".png"))
+    docs = pathlib.Path(__file__).parent.parent / "docs" / "img"
+    if docs.is_dir() and out.parent == RESULTS:
+        plot(result, docs / "activity_noise.png")
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
 
