@@ -342,6 +342,14 @@ def test_cli_bad_spec_is_one_line(problem_file, tmp_path, capsys, spec, words):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("method", ["sdze", "first-order", "sdgd"])
+def test_a_problem_file_on_torch_with_every_kind_of_method(problem_file, method):
+    pytest.importorskip("torch", reason="torch is not installed")
+    result = sdze.solve(f"{problem_file}:poisson_sine", 3, out=None, quiet=True, steps=2,
+                        backend="torch", method=method, **TINY_SETTINGS)
+    assert result.status == "completed" and np.isfinite(result.rel_l2)
+
+
 def test_sdgd_needs_a_laplacian_oracle():
     with pytest.raises(ValueError, match="sdgd estimates Laplacians only.*SparseBiharmonic"):
         from sdze.solver import build
