@@ -49,3 +49,12 @@ def dense_params(b, sampler, state, directions, params, query, scale):
         zb = host(b, directions.bias[layer])[query]
         out.append({"W": W + scale * Z, "b": bias + scale * zb})
     return [{k: b.asarray(v, dtype=b.dtype) for k, v in p.items()} for p in out]
+
+
+def isolate_problem_registry(monkeypatch):
+    """The test's registrations (and entry points) are undone after it."""
+    from sdze_core import problem_registry
+
+    problem_registry.known_problems()  # the built-ins and installed entry points, loaded
+    monkeypatch.setattr(problem_registry, "_FACTORIES", dict(problem_registry._FACTORIES))
+    monkeypatch.setattr(problem_registry, "_entry_points_loaded", True)

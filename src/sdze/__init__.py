@@ -19,6 +19,8 @@ from sdze_core.keys import Key, as_key, fold_in, key, split
 from sdze_core.objectives import ResidualLoss
 from sdze_core.optimizers import constant, cosine_decay, linear_decay, zo_adam, zo_sgd
 from sdze_core.perturbers import CRNSPerturber, NonFiniteLossError
+from sdze_core.problem_protocol import PDEProblem
+from sdze_core.problem_registry import known_problems, register_problem
 from sdze_core.problems import PROBLEMS, Problem, make_problem
 from sdze_core.registry import (
     BackendNotAvailableError,
@@ -48,6 +50,7 @@ __all__ = [
     "Key",
     "LowRankSubspace",
     "NonFiniteLossError",
+    "PDEProblem",
     "PROBLEMS",
     "Problem",
     "ResidualLoss",
@@ -67,11 +70,13 @@ __all__ = [
     "get_backend",
     "key",
     "known_backends",
+    "known_problems",
     "linear_decay",
     "load_checkpoint",
     "make_problem",
     "random",
     "register_backend",
+    "register_problem",
     "save_checkpoint",
     "solve",
     "split",

@@ -1,10 +1,13 @@
 """The ``sdze`` command line.
 
 * ``sdze solve PROBLEM --dim D [options]`` trains a PINN for a benchmark
-  problem (see :func:`sdze.solve`) with a progress bar, and writes
-  ``metrics.json``, ``checkpoint.npz``, ``loss.png`` and ``error.png``;
+  problem, a registered one, or the user's own given as ``module:factory``
+  or ``path/to/file.py:factory`` (see :func:`sdze.solve`, docs/problems.md)
+  with a progress bar, and writes ``metrics.json``, ``checkpoint.npz``,
+  ``loss.png`` and ``error.png``;
 * ``sdze eval CHECKPOINT`` evaluates a saved network against the exact solution;
-* ``sdze list`` shows the problems, operators and backends available here;
+* ``sdze list`` shows the problems (built-in and registered), operators and
+  backends available here;
 * ``sdze version`` prints the version.
 
 A user's error (a bad setting, a missing or foreign file, a backend or
@@ -25,6 +28,7 @@ from sdze_core.validation import SettingError
 
 def _list(args) -> int:
     from sdze_core import oracles
+    from sdze_core.problem_registry import describe_problem, is_builtin, known_problems
     from sdze_core.problems import EQUATIONS, PROBLEMS
 
     print("problems (sdze solve NAME --dim D):")
@@ -32,6 +36,10 @@ def _list(args) -> int:
         eq = EQUATIONS[equation]
         operator = "Δ²" if eq.order == 4 else "Δ"
         print(f"  {name:<24} {operator}u ... on the {eq.boundary}, {solution} solution")
+    for name in known_problems():
+        if not is_builtin(name):
+            print(f"  {name:<24} {describe_problem(name)}")
+    print("  your own: sdze solve MODULE:FACTORY --dim D, or FILE.py:FACTORY (docs/problems.md)")
     print("operators (jet oracles, sdze_core.oracles):")
     for name in oracles.__all__:
         obj = getattr(oracles, name)
@@ -71,9 +79,12 @@ def _solve(args) -> int:
               f"of {result.run.config.problem} at d = {result.run.config.dim}; used and recorded "
               f"{used} (all of them)", file=sys.stderr)
     m = result.metrics
+    errors = (
+        "no errors (the problem has no exact solution)" if result.rel_l2 is None
+        else f"relative L2 error {result.rel_l2:.3e}, relative L∞ error {result.rel_linf:.3e}"
+    )
     print(
-        f"{result.status}: step {m['final']['step']}, relative L2 error {result.rel_l2:.3e}, "
-        f"relative L∞ error {result.rel_linf:.3e}, {m['it_per_s']:.1f} it/s, "
+        f"{result.status}: step {m['final']['step']}, {errors}, {m['it_per_s']:.1f} it/s, "
         f"peak memory {m['peak_memory_bytes'] / 2**20:.0f} MiB"
     )
     if result.files:
@@ -97,12 +108,14 @@ def _add_solve(commands) -> None:
 
     p = commands.add_parser(
         "solve",
-        help="train a PINN for a benchmark problem",
-        description="Train a PINN for a benchmark PDE and report its error against the exact "
+        help="train a PINN for a benchmark problem or your own",
+        description="Train a PINN for a PDE and report its error against the exact "
         "solution. Writes metrics.json, checkpoint.npz, loss.png and error.png into --out.",
     )
-    p.add_argument("problem", nargs="?", choices=list(PROBLEMS), metavar="PROBLEM",
-                   help=f"one of: {', '.join(PROBLEMS)} (optional with --resume)")
+    p.add_argument("problem", nargs="?", metavar="PROBLEM",
+                   help=f"a built-in ({', '.join(PROBLEMS)}), a registered name (sdze list), "
+                   "or your own factory as MODULE:FACTORY or FILE.py:FACTORY "
+                   "(optional with --resume)")
     p.add_argument("--dim", type=int, help="the dimension d")
     p.add_argument("--backend", help="numpy, torch, jax, cupy, ... (default: SDZE_BACKEND, numpy)")
     p.add_argument("--device", help="the backend's device, e.g. cuda:0")

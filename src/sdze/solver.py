@@ -1,4 +1,7 @@
-"""Solve a benchmark PDE: ``sdze.solve(...)`` and the ``sdze solve`` command behind it.
+"""Solve a PDE: ``sdze.solve(...)`` and the ``sdze solve`` command behind it.
+
+The problem is a built-in benchmark or the user's own (a registered name,
+``package.module:factory`` or ``path/to/file.py:factory``; docs/problems.md).
 
 A run is described completely by a :class:`SolverConfig` (JSON-able): the
 problem, the network, the method and its settings, the backend. From it
@@ -11,7 +14,8 @@ writes into its output folder
   every ``checkpoint_every`` steps and at the end;
 * ``metrics.json`` — the config, one record per evaluation (step, mean
   training loss, relative L2 and L∞ errors, wall time), wall time, it/s,
-  peak memory, the final errors and the status;
+  peak memory, the final errors and the status (errors ``null``, and
+  ``"exact_solution": false``, for a problem without an exact solution);
 * ``loss.png``, ``error.png`` — the loss and the errors against the step.
 
 Methods (docs/method.md#crns, #subspace-perturbations, #baselines):
@@ -47,7 +51,10 @@ from sdze_core.keys import fold_in, key
 from sdze_core.models import INIT_SCHEMES
 from sdze_core.objectives import ResidualLoss
 from sdze_core.optimizers import constant, cosine_decay, linear_decay, zo_adam, zo_sgd
+from sdze_core.oracles import SparseLaplacian
 from sdze_core.perturbers import CRNSPerturber
+from sdze_core.problem_protocol import has_exact, reaction_of
+from sdze_core.problem_registry import canonical_problem, is_builtin, problem_label
 from sdze_core.problems import (
     EQUATIONS,
     PROBLEMS,
@@ -131,7 +138,10 @@ class SolverConfig:
         a ``ValueError``, names it and the range). ``num_directions`` is
         capped at the number of directions the problem has (d coordinates
         for Δ, d (d − 1) / 2 pairs for Δ², as the problem's oracle uses),
-        and the copy records the value used. ``rng``
+        and the copy records the value used (a built-in's; another problem's
+        oracle caps it itself, and the copy records the value asked for). A
+        ``problem`` that is a file spec (``path/to/file.py:factory``) is
+        recorded with the file's absolute path. ``rng``
         defaults to the current backend's (``sdze.use(..., rng=...)``) when
         that backend is the one the run uses, else ``"native"``.
         """
@@ -144,12 +154,12 @@ class SolverConfig:
         for name, value in MODEL_DEFAULTS.items():
             if getattr(c, name) is None:
                 setattr(c, name, value)
-        if c.problem not in PROBLEMS:
-            raise ValueError(f"unknown problem {c.problem!r}; known: {', '.join(PROBLEMS)}")
+        c.problem = canonical_problem(c.problem)
         if c.method not in METHODS:
             raise ValueError(f"unknown method {c.method!r}; known: {', '.join(METHODS)}")
-        equation, solution = PROBLEMS[c.problem]
-        c.dim = count("dim", c.dim, minimum=SOLUTIONS[solution].arity)
+        benchmark = PROBLEMS[c.problem] if is_builtin(c.problem) else None
+        arity = SOLUTIONS[benchmark[1]].arity if benchmark else 1
+        c.dim = count("dim", c.dim, minimum=arity)
         if c.perturbation is None:
             c.perturbation = DEFAULT_PERTURBATION
         _choice("perturbation", c.perturbation, PERTURBATIONS)
@@ -192,8 +202,10 @@ class SolverConfig:
                 setattr(c, name, positive_number(name, getattr(c, name)))
         if not positive_number("blowup", c.blowup, allow_inf=True) > 1.0:
             raise SettingError("blowup", "a number > 1 (inf disables the test)", c.blowup)
-        directions = c.dim if EQUATIONS[equation].order == 2 else c.dim * (c.dim - 1) // 2
-        c.num_directions = min(c.num_directions, directions)
+        if benchmark:  # another problem's oracle caps the number itself
+            order = EQUATIONS[benchmark[0]].order
+            directions = c.dim if order == 2 else c.dim * (c.dim - 1) // 2
+            c.num_directions = min(c.num_directions, directions)
         c.backend = c.backend or get_backend().name
         if c.rng is None:
             current = get_backend()
@@ -323,7 +335,7 @@ def _schedule(config: SolverConfig):
 
 @dataclass
 class Run:
-    """What :func:`build` makes from a config."""
+    """What :func:`build` makes from a config (``test`` is ``None`` without an exact solution)."""
 
     config: SolverConfig
     backend: Any
@@ -331,7 +343,7 @@ class Run:
     model: Any
     loss: ResidualLoss
     method: Any
-    test: TestSet
+    test: TestSet | None
 
 
 def build(config: SolverConfig, backend=None) -> Run:
@@ -340,26 +352,37 @@ def build(config: SolverConfig, backend=None) -> Run:
     if backend is None:
         backend = make_backend(config.backend, device=config.device, dtype=config.dtype,
                                rng=config.rng)
-    problem = make_problem(config.problem, config.dim, seed=config.seed, backend=backend,
-                           sampling=config.sampling)
-    model = problem.model(config.width, config.depth, config.activation, config.init_scheme)
+    if is_builtin(config.problem):
+        problem = make_problem(config.problem, config.dim, seed=config.seed, backend=backend,
+                               sampling=config.sampling)
+        model = problem.model(config.width, config.depth, config.activation, config.init_scheme)
+    else:
+        # a user problem draws its own points and builds its own network
+        for name, default in (("sampling", "volume"), ("init_scheme", "glorot")):
+            if getattr(config, name) != default:
+                raise SettingError(
+                    name, f"{default!r} for a user problem (its sample_domain and model decide)",
+                    getattr(config, name),
+                )
+        problem = make_problem(config.problem, config.dim, seed=config.seed, backend=backend)
+        model = problem.model(config.width, config.depth, config.activation)
     loss = ResidualLoss(
         model,
         problem.oracle(config.num_directions),
-        problem.reaction,
+        reaction_of(problem),
         lambda k: problem.sample_domain(k, config.batch_size),
         unbiased=config.unbiased,
-        forcing=problem.forcing,
+        forcing=getattr(problem, "forcing", None),
     )
     if config.method == "sdgd":
-        if problem.equation.order != 2:
+        if not isinstance(loss.oracle, SparseLaplacian):
             raise ValueError(
-                f"sdgd estimates Laplacians only; {config.problem!r} is of order "
-                f"{problem.equation.order} (use first-order)"
+                f"sdgd estimates Laplacians only; the operator of {config.problem!r} is not Δ "
+                f"(its oracle is a {type(loss.oracle).__name__}; use first-order)"
             )
         from sdze_core.oracles import NestedAutodiffLaplacian
 
-        nested = NestedAutodiffLaplacian(min(config.num_directions, config.dim))
+        nested = NestedAutodiffLaplacian(min(config.num_directions, problem.dim))
         loss = dataclasses.replace(loss, oracle=nested)
     if config.method in AUTODIFF_METHODS:
         from sdze_core.first_order import FirstOrderAdam
@@ -401,13 +424,20 @@ def build(config: SolverConfig, backend=None) -> Run:
             residual_aligned=config.residual_aligned,
         )
         method = SDZE(perturber, sampler, zo_adam(_schedule(config), b2=config.adam_b2))
-    test = TestSet(problem, config.test_points, fold_in(key(config.seed), "test"))
+    test = (
+        TestSet(problem, config.test_points, fold_in(key(config.seed), "test"), backend=backend)
+        if has_exact(problem) else None
+    )
     return Run(config, backend, problem, model, loss, method, test)
 
 
 def _model_config(run: Run) -> dict:
-    net = run.model.network
-    return {"sizes": list(net.sizes), "activation": net.activation, "boundary": run.model.boundary}
+    """The network's sizes and activation, and the ansatz's boundary (``None`` without one)."""
+    net = getattr(run.model, "network", run.model)
+    if not hasattr(net, "sizes"):
+        return {"type": type(run.model).__name__}
+    return {"sizes": list(net.sizes), "activation": net.activation,
+            "boundary": getattr(run.model, "boundary", None)}
 
 
 def _checkpoint_config(run: Run) -> dict:
@@ -429,8 +459,9 @@ class SolveResult:
         The trained parameters (pending low-rank updates merged in). After a
         divergence, the last good state's: the last checkpoint, or the
         network before a non-finite update.
-    rel_l2, rel_linf : float
-        Final relative errors on the test points.
+    rel_l2, rel_linf : float or None
+        Final relative errors on the test points (``None`` when the problem
+        has no exact solution).
     history : list of dict
         One record per evaluation (step, loss, rel_l2, rel_linf, time).
     metrics : dict
@@ -447,8 +478,8 @@ class SolveResult:
     """
 
     params: Any
-    rel_l2: float
-    rel_linf: float
+    rel_l2: float | None
+    rel_linf: float | None
     history: list
     metrics: dict
     status: str
@@ -550,7 +581,8 @@ def _write_json(path: pathlib.Path, data: dict) -> None:
 
 
 def default_out(config: SolverConfig) -> pathlib.Path:
-    return pathlib.Path("sdze-runs") / f"{config.problem}-d{config.dim}-{config.method}"
+    label = problem_label(config.problem)
+    return pathlib.Path("sdze-runs") / f"{label}-d{config.dim}-{config.method}"
 
 
 def solve(
@@ -563,16 +595,21 @@ def solve(
     plots: bool = True,
     **settings,
 ) -> SolveResult:
-    """Train a PINN for a benchmark problem and report its error.
+    """Train a PINN for a problem and report its error.
 
     Parameters
     ----------
     problem : str
-        A name of :data:`sdze_core.problems.PROBLEMS`, e.g. ``"allen-cahn-two-body"``.
+        A built-in benchmark (:data:`sdze_core.problems.PROBLEMS`, e.g.
+        ``"allen-cahn-two-body"``), a name registered with
+        :func:`sdze.register_problem`, or your own factory as
+        ``"package.module:factory"`` or ``"path/to/file.py:factory"``
+        (docs/problems.md).
     dim : int
         The dimension d.
     out : path, "auto" or None
-        Output folder (``"auto"``: ``sdze-runs/<problem>-d<dim>-<method>``;
+        Output folder (``"auto"``: ``sdze-runs/<problem>-d<dim>-<method>``, a
+        spec's problem written ``<file or module>.<factory>``;
         ``None``: write nothing).
     resume : path, optional
         A checkpoint to continue from: its config is used (``problem`` and
@@ -594,6 +631,8 @@ def solve(
     if resume is not None:
         saved = read_config(resume)["config"]
         config = SolverConfig.from_json(saved["solver"])
+        if problem is not None:
+            problem = canonical_problem(problem)  # a file spec as the checkpoint records it
         requested = {"problem": problem, "dim": dim} | settings
         fixed = {k: v for k, v in requested.items() if k not in ("steps", "backend", "device")}
         wrong = {k: (getattr(config, k), v) for k, v in fixed.items()
@@ -606,10 +645,10 @@ def solve(
             if settings.get(k) is not None:
                 setattr(config, k, settings[k])
         run = build(config)
-        checkpoint_state = load_checkpoint(
-            resume, run.backend, expect={"problem": config.problem, "dim": config.dim,
-                                         "model.sizes": _model_config(run)["sizes"]}
-        )
+        expect = {"problem": config.problem, "dim": config.dim}
+        if "sizes" in _model_config(run):
+            expect["model.sizes"] = _model_config(run)["sizes"]
+        checkpoint_state = load_checkpoint(resume, run.backend, expect=expect)
     else:
         if problem is None or dim is None:
             raise TypeError("solve() needs a problem and a dimension (or resume=CHECKPOINT)")
@@ -646,14 +685,12 @@ def _train(run: Run, checkpoint_state, out, quiet: bool, plots: bool) -> SolveRe
                 params=params,
                 state=state.method,
                 config=_checkpoint_config(run),
-                extra={"train": state.record_dict(),
-                       "coefficients": run.backend.to_host(run.problem.coefficients).tolist()
-                       if config.dim <= 100_000 else "regenerated from the seed"},
+                extra={"train": state.record_dict()} | _coefficients(run),
             )
             saved_steps.append(state.step)
             progress.last = time.perf_counter()  # the write is not part of the next step
 
-    label = f"{config.problem} d={config.dim} {config.method}"
+    label = f"{problem_label(config.problem)} d={config.dim} {config.method}"
     progress = _Progress(config.steps, state.step, quiet, label)
     first_step = state.step
     run.backend.reset_peak_memory()
@@ -678,7 +715,7 @@ def _train(run: Run, checkpoint_state, out, quiet: bool, plots: bool) -> SolveRe
         print(divergence.message, file=sys.stderr)
         params, state = _last_good(run, out, result, save, saved_steps)
     _, params = run.method.merge(params, state.method)
-    final = run.test.errors(run.model, params)
+    final = _NO_ERRORS if run.test is None else run.test.errors(run.model, params)
     done = state.step - first_step
     metrics = {
         "config": config.to_json(),
@@ -689,6 +726,8 @@ def _train(run: Run, checkpoint_state, out, quiet: bool, plots: bool) -> SolveRe
         "rel_l2": final["rel_l2"],
         "rel_linf": final["rel_linf"],
         **_best(state.history),
+        "exact_solution": run.test is not None,
+        **({} if run.test is not None else {"errors": NO_EXACT_NOTE}),
         "wall_time": state.elapsed,
         "wall_time_this_run": wall,
         "steps_this_run": done,
@@ -707,6 +746,21 @@ def _train(run: Run, checkpoint_state, out, quiet: bool, plots: bool) -> SolveRe
             files += _plot(out, state.history, label)
     return SolveResult(params, final["rel_l2"], final["rel_linf"], state.history, metrics,
                        status, out, run, files)
+
+
+#: metrics.json's word on a problem without an exact solution (its errors are null).
+NO_EXACT_NOTE = "not measured: the problem has no exact solution (no `exact` member)"
+_NO_ERRORS = {"rel_l2": None, "rel_linf": None}
+
+
+def _coefficients(run: Run) -> dict:
+    """A built-in's coefficients for the checkpoint's extra data (other problems: none)."""
+    c = getattr(run.problem, "coefficients", None)
+    if c is None:
+        return {}
+    if run.config.dim > 100_000:
+        return {"coefficients": "regenerated from the seed"}
+    return {"coefficients": run.backend.to_host(c).tolist()}
 
 
 def _last_good(run: Run, out, result, save, saved_steps):
@@ -749,6 +803,9 @@ def evaluate_checkpoint(path, backend=None, test_points: int | None = None) -> d
     if test_points is not None:
         config.test_points = test_points
     run = build(config)
+    if run.test is None:
+        raise ValueError(f"{path}: its problem {config.problem!r} has no exact solution (no "
+                         "`exact` member), so there is nothing to evaluate the network against")
     saved = load_checkpoint(path, run.backend)
     _, params = run.method.merge(saved.params, saved.state)
     errors = run.test.errors(run.model, params)

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, ClassVar
 
 from array_api_compat import array_namespace
@@ -54,6 +55,7 @@ from . import jets
 from .keys import Key, as_key, fold_in
 from .models import MLP, Ansatz, conform_to
 from .oracles import SparseBiharmonic, SparseLaplacian
+from .problem_registry import _register_builtin, make_problem
 
 __all__ = [
     "TwoBody",
@@ -62,6 +64,7 @@ __all__ = [
     "PROBLEMS",
     "Problem",
     "make_problem",
+    "make_benchmark",
     "sample_ball",
     "sample_annulus",
 ]
@@ -289,8 +292,10 @@ SAMPLINGS = ("volume", "radius")
 class Problem:
     """A benchmark PDE in dimension d with its exact solution (docs/method.md#benchmark-problems).
 
-    Build one with :func:`make_problem`. The coefficients c live on the
-    problem's backend (``c.shape == (d − arity + 1,)``).
+    Build one with :func:`make_problem`. It has every member of
+    :class:`~sdze_core.problem_protocol.PDEProblem`, the optional ones
+    included. The coefficients c live on the problem's backend
+    (``c.shape == (d − arity + 1,)``).
 
     Parameters
     ----------
@@ -426,13 +431,15 @@ class Problem:
         return jets.mul(g, s)
 
 
-def make_problem(
+def make_benchmark(
     name: str, dim: int, seed: int | Key = 0, backend=None, chunk=DEFAULT_CHUNK, sampling="volume"
 ):
     """The benchmark problem ``name`` in dimension ``dim``, coefficients from ``seed``.
 
-    c ~ N(0, I) is drawn with portable draws from ``fold_in(key(seed), "coefficients")``,
-    so a seed names the same problem on every backend.
+    The factory of every built-in (registered as ``partial(make_benchmark, name)``;
+    use :func:`make_problem`). c ~ N(0, I) is drawn with portable draws from
+    ``fold_in(key(seed), "coefficients")``, so a seed names the same problem
+    on every backend.
 
     Raises
     ------
@@ -451,6 +458,10 @@ def make_problem(
     portable = backend.with_config(rng="portable")
     c = portable.normal(fold_in(as_key(seed), "coefficients"), (solution.num_terms(dim),))
     return Problem(name, dim, c, backend, chunk, sampling)
+
+
+for _name in PROBLEMS:
+    _register_builtin(_name, partial(make_benchmark, _name))
 
 
 def default_test_points(dim: int) -> int:

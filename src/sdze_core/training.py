@@ -72,15 +72,20 @@ class TestSet:
 
     Parameters
     ----------
-    problem : Problem
+    problem : PDEProblem
+        Any problem with ``sample_domain`` and ``exact``
+        (:class:`~sdze_core.problem_protocol.PDEProblem`).
     num_points : int
     key : Key
         The test key (the solver uses ``fold_in(key(seed), "test")``).
+    backend : Backend, optional
+        Whose portable generator draws the points (default ``problem.backend``).
     """
 
     __test__ = False  # not a pytest class
 
-    def __init__(self, problem, num_points: int, key: Key, cache_limit: int = CACHE_LIMIT):
+    def __init__(self, problem, num_points: int, key: Key, cache_limit: int = CACHE_LIMIT,
+                 backend=None):
         if num_points < 1:
             raise ValueError(f"num_points must be positive, got {num_points}")
         self.problem = problem
@@ -88,7 +93,7 @@ class TestSet:
         self.key = key
         self.block = block_points(problem.dim)
         self.group = max(1, GROUP_LIMIT // (problem.dim * self.block)) * self.block
-        self._portable = problem.backend.with_config(rng="portable")
+        self._portable = (backend or problem.backend).with_config(rng="portable")
         self._cache = [] if self.num_points * problem.dim <= cache_limit else None
 
     def _draw(self, start: int, stop: int):

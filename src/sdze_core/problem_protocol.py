@@ -1,0 +1,145 @@
+"""What the solver needs from a PDE problem: the :class:`PDEProblem` protocol (docs/problems.md).
+
+A problem is any object with these members; nothing has to be subclassed.
+For an equation
+
+    L u = F(u, x) + f(x)   in the domain Ω ⊂ R^d,
+
+with the boundary condition built into the model (a hard-boundary ansatz),
+the solver trains on the residual r = L̂u − F(u, x) − f(x), L̂ the oracle's
+estimate of L u (:class:`~sdze_core.objectives.ResidualLoss`).
+
+Required (:data:`REQUIRED`): ``dim``, ``sample_domain``, ``model``, ``oracle``.
+Optional (:data:`OPTIONAL`), each with the meaning it has when absent:
+
+* ``reaction(u, x)``: F(u, x); absent, F = 0;
+* ``forcing(x)``: f(x); absent, f = 0;
+* ``exact(x)``: the exact solution u*(x); absent, no relative errors are
+  measured (``metrics.json`` says so and ``error.png`` is not drawn) and
+  ``sdze eval`` has nothing to evaluate against.
+
+The built-in :class:`~sdze_core.problems.Problem` has every member.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Protocol, runtime_checkable
+
+from .keys import Key
+
+__all__ = [
+    "PDEProblem",
+    "REQUIRED",
+    "OPTIONAL",
+    "missing_members",
+    "check_problem",
+    "has_exact",
+    "reaction_of",
+]
+
+#: The members every problem must have.
+REQUIRED = ("dim", "sample_domain", "model", "oracle")
+#: The members a problem may have, and what their absence means.
+OPTIONAL = {
+    "reaction": "F(u, x) = 0",
+    "forcing": "f(x) = 0",
+    "exact": "no exact solution: no relative errors",
+}
+
+
+@runtime_checkable
+class PDEProblem(Protocol):
+    """A PDE problem the solver can train on (the required members; see the module docstring).
+
+    Attributes
+    ----------
+    dim : int
+        The number of coordinates of a point x (the network's input size).
+
+    Optional members (called only when present)::
+
+        reaction(u, x) -> F(u, x)   u of shape (B,) or (Q, B), x (B, dim); broadcasting against u
+        forcing(x)     -> f(x)      shape (B,), a function of the points only
+        exact(x)       -> u*(x)     shape (B,)
+    """
+
+    dim: int
+
+    def sample_domain(self, key: Key, num_points: int, backend: Any = None) -> Any:
+        """Points of the domain Ω, shape (num_points, dim), drawn from ``key`` only.
+
+        Draw with ``backend`` when it is given (the test points are drawn with
+        the portable generator so that they are the same on every backend),
+        else with the backend the problem was made for. The same key must
+        give the same points.
+        """
+
+    def model(self, width: int = 128, depth: int = 4, activation: str = "tanh") -> Any:
+        """The network u_θ with the boundary condition built in.
+
+        An :class:`~sdze_core.models.MLP` of sizes (dim, width × depth, 1), an
+        :class:`~sdze_core.models.Ansatz` around one, or a dataclass with an
+        MLP ``network`` field and ``init(key, backend)``, ``apply(params, x,
+        linear=None)`` → (B,) and ``jet(params, x, directions, order,
+        collapse=False, linear=None)`` (what the methods and checkpoints use).
+        """
+
+    def oracle(self, num_directions: int = 16) -> Any:
+        """The estimator of L u: an :class:`~sdze_core.oracles.Oracle` whose
+        ``estimate(...).value`` has shape (B,) (or (Q, B) under a batched hook).
+
+        Cap ``num_directions`` at the number of directions the operator has
+        (e.g. ``SparseLaplacian(min(num_directions, dim))``).
+        """
+
+
+def missing_members(problem: Any) -> list[str]:
+    """The required members (:data:`REQUIRED`) that ``problem`` lacks or has not callable."""
+    missing = [name for name in REQUIRED if not hasattr(problem, name)]
+    uncallable = [
+        name for name in REQUIRED[1:] + tuple(OPTIONAL)
+        if hasattr(problem, name) and not callable(getattr(problem, name))
+    ]
+    return missing + [f"{name} (not callable)" for name in uncallable]
+
+
+def check_problem(problem: Any, origin: str) -> Any:
+    """``problem`` itself if it has the protocol's members.
+
+    Raises
+    ------
+    TypeError
+        Naming the missing members and ``origin`` (where the object came
+        from, e.g. ``"problem factory 'mine'"``), or if ``dim`` is not a
+        positive integer.
+    """
+    missing = missing_members(problem)
+    if missing:
+        raise TypeError(
+            f"{origin} returned a {type(problem).__name__} that lacks {', '.join(missing)}: "
+            f"a problem needs {', '.join(REQUIRED)} (sdze_core.problem_protocol.PDEProblem)"
+        )
+    dim = problem.dim
+    try:
+        ok = not isinstance(dim, bool) and operator.index(dim) >= 1
+    except TypeError:
+        ok = False
+    if not ok:
+        raise TypeError(f"{origin} returned a problem whose dim is {dim!r}, not an int >= 1")
+    return problem
+
+
+def has_exact(problem: Any) -> bool:
+    """Whether ``problem`` has an exact solution ``exact(x)``."""
+    return callable(getattr(problem, "exact", None))
+
+
+def _no_reaction(u, x):
+    """F(u, x) = 0."""
+    return 0.0
+
+
+def reaction_of(problem: Any):
+    """``problem.reaction``, or F = 0 when the problem has none."""
+    return getattr(problem, "reaction", None) or _no_reaction
