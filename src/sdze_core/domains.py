@@ -366,7 +366,6 @@ def _length(value) -> int | None:
     return None if isinstance(value, float) else len(value)
 
 
-
 def _short(value) -> str:
     """A bound for a repr: the number, the tuple if short, else its length."""
     if isinstance(value, float) or len(value) <= 6:
