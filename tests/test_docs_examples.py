@@ -43,3 +43,24 @@ def test_own_pde_page_runs(tmp_path, monkeypatch, capsys):
         sys.modules.pop("my_problem", None)
     printed = capsys.readouterr().out.splitlines()[-1]
     assert printed.startswith("rel_l2 ") and float(printed.split()[1]) < 0.3
+
+
+def test_domains_page_runs(monkeypatch, capsys):
+    """domains.md: the hard-constraint example meets its data to round-off, the box's
+    missing closed form raises; the user-domain example registers its class."""
+    from sdze_core import domains
+
+    monkeypatch.setattr(domains, "DOMAINS", dict(domains.DOMAINS))
+    (example,) = [b for b in python_blocks("domains.md") if "HardConstraint(" in b]
+    exec(compile(example, "domains.md:example", "exec"), {})
+    lines = dict(line.split(" ", 1) for line in capsys.readouterr().out.splitlines())
+    assert float(lines["sphere"].split()[-1]) < 1e-12
+    assert float(lines["terminal"].split()[-1]) < 1e-12
+    assert lines["laplacian"] == "shape (100,)"
+    closed, expected = lines["closed"].split()[1::2]
+    assert float(closed) == float(expected)
+    assert lines["raised:"].startswith("Box(low=0.0, high=1.0) has no closed form for the Lap")
+    (own,) = [b for b in python_blocks("domains.md") if "register_domain" in b]
+    namespace = {}
+    exec(compile(own, "domains.md:own-domain", "exec"), namespace)
+    assert domains.DOMAINS["slab"] is namespace["Slab"]

@@ -432,7 +432,7 @@ def sine_lift(x_jet):
 
 
 def sum_lift(x_jet):
-    """g(x, t) = Σ_i x_i (HJB-LIN's terminal data, SPEC section 10)."""
+    """g(x, t) = Σ_i x_i (HJB-LIN's terminal data)."""
     return jets.linear_map(x_jet, lambda y, p: array_namespace(y).sum(y[..., :-1], axis=-1))
 
 
