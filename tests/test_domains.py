@@ -627,3 +627,16 @@ def test_a_users_domain_registers_and_gets_the_defaults(backend, monkeypatch):
         slab.factor_laplacian(x)
     with pytest.raises(NoBoundaryError, match="Slab"):
         slab.sample_boundary(b, key(0), 2, D)
+
+
+def test_the_built_in_problems_sample_the_same_points(backend):
+    """problems.sample_ball / sample_annulus are the unit Ball's and the 1–2 Annulus'
+    samplers: bit for bit, so a run's points do not change with the domain objects."""
+    from sdze_core.problems import sample_annulus, sample_ball
+
+    for domain, sampler in ((Ball(), sample_ball), (Annulus(), sample_annulus)):
+        for dim in (3, 40):
+            expected = host(backend, sampler(backend, key(16), 32, dim))
+            np.testing.assert_array_equal(
+                host(backend, domain.sample(backend, key(16), 32, dim)), expected
+            )

@@ -52,6 +52,7 @@ from typing import Any, ClassVar
 from array_api_compat import array_namespace
 
 from . import jets
+from .domains import Annulus, Ball
 from .keys import Key, as_key, fold_in
 from .models import MLP, Ansatz, conform_to
 from .oracles import SparseBiharmonic, SparseLaplacian
@@ -237,15 +238,8 @@ def _scale_rows(g, factor):
 
 
 def sample_ball(backend, key: Key, num_points: int, dim: int):
-    """Uniform points in the unit ball: x = ξ U^{1/d} / ‖ξ‖, ξ ~ N(0, I), U ~ U[0, 1).
-
-    The Gaussian batch is rescaled in place, so the peak is one (B, d) array.
-    """
-    xp = backend.xp
-    g = backend.normal(fold_in(key, "direction"), (num_points, dim))
-    u = backend.uniform(fold_in(key, "radius"), (num_points,))
-    radius = xp.exp(xp.log1p(-u) / dim)  # (1 − U)^{1/d} ∈ (0, 1]: 1 − U has the law of U
-    return _scale_rows(g, radius / xp.sqrt(jets.rowwise_squared_norm(g)))
+    """Uniform points in the unit ball: :meth:`sdze_core.domains.Ball.sample` (docs/domains.md)."""
+    return Ball().sample(backend, key, num_points, dim)
 
 
 def sample_ball_radial(backend, key: Key, num_points: int, dim: int):
@@ -262,18 +256,8 @@ def sample_ball_radial(backend, key: Key, num_points: int, dim: int):
 
 
 def sample_annulus(backend, key: Key, num_points: int, dim: int):
-    """Uniform points in 1 ≤ ‖x‖ ≤ 2: radius r with density ∝ r^{d−1} on [1, 2].
-
-    Inverting the CDF (r^d − 1)/(2^d − 1) without overflow:
-    r = 2 (U + (1 − U) 2^{−d})^{1/d}.
-    """
-    xp = backend.xp
-    g = backend.normal(fold_in(key, "direction"), (num_points, dim))
-    u = backend.uniform(fold_in(key, "radius"), (num_points,))
-    floor = 2.0**-dim if dim < 1074 else 0.0
-    radius = 2 * xp.exp(xp.log(u + (1 - u) * floor) / dim)
-    radius = xp.clip(radius, 1.0, 2.0)
-    return _scale_rows(g, radius / xp.sqrt(jets.rowwise_squared_norm(g)))
+    """Uniform points in 1 ≤ ‖x‖ ≤ 2: :meth:`sdze_core.domains.Annulus.sample` (docs/domains.md)."""
+    return Annulus(1.0, 2.0).sample(backend, key, num_points, dim)
 
 
 _SAMPLERS = {
