@@ -100,7 +100,7 @@ def _scale_rows(g, factor):
 
 
 def _unit_rows(backend, key: Key, num_points: int, dim: int):
-    """ξ / ‖ξ‖ for ξ ~ N(0, I_d) (uniform on the unit sphere) and ‖ξ‖: (the rows, the norms)."""
+    """(ξ, ‖ξ‖) for ξ ~ N(0, I_d) row by row: ξ/‖ξ‖ is uniform on the unit sphere."""
     g = backend.normal(key, (num_points, dim))
     return g, backend.xp.sqrt(jets.rowwise_squared_norm(g))
 
@@ -136,7 +136,23 @@ class Domain(ABC):
 
     @abstractmethod
     def sample(self, backend, key: Key, num_points: int, dim: int):
-        """Points of Ω, shape (num_points, input_dim(dim)), the backend's dtype."""
+        """Collocation points of Ω.
+
+        Parameters
+        ----------
+        backend : Backend
+            Draws come from its keyed ``normal`` and ``uniform``.
+        key : Key
+            The same key gives the same points (docs/keys.md).
+        num_points : int
+            B.
+        dim : int
+            The dimension d of the space.
+
+        Returns
+        -------
+        array, shape (B, input_dim(d)), the backend's dtype
+        """
 
     def sample_boundary(self, backend, key: Key, num_points: int, dim: int):
         """Points on the constrained boundary, shape (num_points, input_dim(dim))."""
@@ -391,7 +407,7 @@ def _columns(jet: jets.Jet, start: int, stop: int) -> jets.Jet:
     return jets.linear_map(jet, lambda y, is_primal: y[..., start:stop])
 
 
-def product_over_last_axis(jet: jets.Jet) -> jets.Jet:
+def _product_over_last_axis(jet: jets.Jet) -> jets.Jet:
     """The jet of Π_i f_i over the last axis, from the jets of the f_i (primal (..., n)).
 
     A pairwise tree of Leibniz products, (f g)_k = Σ_j C(k, j) f_j g_{k−j}: the
@@ -530,14 +546,14 @@ class Box(Domain):
 
         Each ψ_i is a quadratic in s_i (derivatives 4(1 − 2 s_i) and −8), its
         jet by Faà di Bruno; the product over i by
-        :func:`product_over_last_axis`.
+        :func:`_product_over_last_axis`.
         """
         x0 = x_jet.primal
         low, width = self._bounds(x0, x0.shape[-1])
         s = jets.linear_map(x_jet, lambda y, primal: (y - low) / width if primal else y / width)
         s0 = s.primal
         psi = jets.compose(s, _profile(s.order, [4 * s0 * (1 - s0), 4 - 8 * s0, -8.0]))
-        return product_over_last_axis(psi)
+        return _product_over_last_axis(psi)
 
 
 # -- the whole space ------------------------------------------------------------------------
