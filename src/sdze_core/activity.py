@@ -652,25 +652,29 @@ class ActivityStepInfo(NamedTuple):
     g: Any
 
 
-def _per_point_losses(loss, params, xi, model):
-    """ℓ_b for every query: (Q, B), from the loss's residuals with ``model``."""
+def _loss_model(loss):
+    """The loss's model, once the loss is known to give per-point residuals of another model."""
     if not hasattr(loss, "residuals") or not dataclasses.is_dataclass(loss):
         raise TypeError(
             "activity perturbation needs per-point residuals: the loss must be a "
             "ResidualLoss-like dataclass with a `model` field and a `residuals` method, "
             f"got {type(loss).__name__}"
         )
+    return model_of(loss, "activity perturbation")
+
+
+def _per_point_losses(loss, params, xi, model):
+    """ℓ_b for every query: (Q, B), from the loss's residuals with ``model``."""
     r = with_model(loss, model, "activity perturbation").residuals(params, xi)
     return r[0] * r[1] if len(r) == 2 else r[0] * r[0]
 
 
-def _perturbed_model(loss, wrapper_args):
-    """The loss's model with its network replaced by the activity-perturbed one."""
-    purpose = "activity perturbation"
+def _perturbed_model(model, wrapper_args):
+    """The model with its network replaced by the activity-perturbed one."""
     return with_network(
-        model_of(loss, purpose),
+        model,
         lambda network: ActivityPerturbedNetwork(network, *wrapper_args),
-        purpose,
+        "activity perturbation",
     )
 
 
@@ -735,6 +739,7 @@ class ActivityPerturbation:
         """``(grads, loss_value, losses)``: per layer a :class:`LayerGradient` (``None``
         when a loss is not finite), the unperturbed loss ℓ(θ; ξ) and the per-point
         losses (Q, N) of the last query round (query 0 unperturbed)."""
+        plain = _loss_model(loss)
         layers = tuple(range(len(params))) if self.layers is None else tuple(self.layers)
         scales, size = self._scales(params)
         if self.crns:
@@ -747,11 +752,11 @@ class ActivityPerturbation:
         for query in range(self.num_queries):
             network_key = fold_in(param_key, query)
             if self.crns:
-                model = _perturbed_model(loss, (network_key, scales, layers))
+                model = _perturbed_model(plain, (network_key, scales, layers))
                 losses = _per_point_losses(loss, params, xi, model)
             else:
-                model = _perturbed_model(loss, (network_key, scales[:1], layers))
-                minus = _perturbed_model(loss, (network_key, scales[1:], layers))
+                model = _perturbed_model(plain, (network_key, scales[:1], layers))
+                minus = _perturbed_model(plain, (network_key, scales[1:], layers))
                 plus_losses = _per_point_losses(loss, params, xi, model)
                 minus_losses = _per_point_losses(loss, params, xi_minus, minus)
                 losses = _interleave(plus_losses, minus_losses)
