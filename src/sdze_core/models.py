@@ -13,10 +13,11 @@ per layer, arrays of the backend. Every model offers
 directions e_j: the first layer gathers W[:, j], O(h V) work whatever d is) or
 a float array of shape (V, d) or (V, B, d) (dense directions).
 
-The perturbation belongs to the model (docs/sdze.md, "One step"). An MLP
-computes each layer's affine map through a :class:`LayerMap`:
-:class:`PlainLayers` (x Wᵀ + b) for the network itself, another map for a
-:class:`LayerMapNetwork`, so that perturbed weights never have to be formed.
+The perturbation belongs to the model (docs/sdze.md, "The perturbation
+belongs to the model"). An MLP computes each layer's affine map through a
+:class:`LayerMap`: :class:`PlainLayers` (x Wᵀ + b) for the network itself,
+another map for a :class:`LayerMapNetwork`, so that perturbed weights never
+have to be formed.
 The SDZE sampler's map adds ε c U (S (Vᵀ x)) to x Wᵀ
 (docs/method.md#subspace-perturbations) for all its perturbed copies at once:
 the first layer returns a new leading query axis (B, d) -> (Q, B, h) (after
