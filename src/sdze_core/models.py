@@ -302,7 +302,7 @@ class LayerMapNetwork:
     """
 
     network: MLP
-    layer_map: Any
+    layer_map: LayerMap
 
     @property
     def sizes(self) -> tuple[int, ...]:
