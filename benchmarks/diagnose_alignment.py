@@ -39,7 +39,8 @@ for t in range(cfg.steps):
         V0 = state.sampler.bases[0][1]
         _, merged = run.method.merge(params, state)
         W1 = merged[0]["W"]
-        err = run.test.errors(run.model, params, run.method.hook(params, state))["rel_l2"]
+        current = run.method.evaluation_model(run.model, params, state)
+        err = run.test.errors(current, params)["rel_l2"]
         cos = h @ w / np.linalg.norm(h) / np.linalg.norm(w)
         print(t + 1, f"loss {info.loss:.3e} cos(h,w) {cos:.3f}"
               f"  |V0^T w|/|w| {np.linalg.norm(V0.T @ w) / np.linalg.norm(w):.3f}"

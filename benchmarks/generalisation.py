@@ -55,9 +55,9 @@ class DiagonalTrace(Oracle):
     def sample(self, key, x):
         return backend_of(x).choice(key, x.shape[1], self.num_directions)
 
-    def estimate(self, model, params, x, sample, linear=None) -> OperatorEstimate:
+    def estimate(self, model, params, x, sample) -> OperatorEstimate:
         xp = array_namespace(x)
-        jet = model.jet(params, x, sample, 2, linear=linear)
+        jet = model.jet(params, x, sample, 2)
         a = xp.take(self.weights, sample)
         a = xp.reshape(a, (a.shape[0],) + (1,) * (jet.coeffs[1].ndim - 1))
         value = (x.shape[1] / sample.shape[0]) * xp.sum(a * jet.coeffs[1], axis=0)
@@ -78,11 +78,11 @@ class HeatOperator(Oracle):
         j = b.choice(key, d, self.num_directions)
         return b.xp.concat([j, b.asarray([d], dtype=j.dtype)])
 
-    def estimate(self, model, params, x, sample, linear=None) -> OperatorEstimate:
+    def estimate(self, model, params, x, sample) -> OperatorEstimate:
         xp = array_namespace(x)
         d = x.shape[1] - 1
         V = sample.shape[0] - 1
-        jet = model.jet(params, x, sample, 2, linear=linear)
+        jet = model.jet(params, x, sample, 2)
         u_t = jet.coeffs[0][V, ...]
         lap = (d / V) * xp.sum(jet.coeffs[1][:V, ...], axis=0)
         return OperatorEstimate(jet.primal, u_t - lap)
@@ -102,13 +102,13 @@ class LiftedAnsatz:
     def init(self, key, backend):
         return self.network.init(key, backend)
 
-    def apply(self, params, x, linear=None):
+    def apply(self, params, x):
         xp = array_namespace(x)
-        return self._ansatz.apply(params, x, linear) + xp.exp(x @ self.v)
+        return self._ansatz.apply(params, x) + xp.exp(x @ self.v)
 
-    def jet(self, params, x, directions, order, collapse=False, linear=None):
+    def jet(self, params, x, directions, order, collapse=False):
         xp = array_namespace(x)
-        inner = self._ansatz.jet(params, x, directions, order, collapse, linear)
+        inner = self._ansatz.jet(params, x, directions, order, collapse)
         h = xp.exp(x @ self.v)  # (B,)
         vj = xp.take(self.v, directions)  # along e_j: h(x + t e_j) = h exp(t v_j)
         extra = inner.primal.ndim - 1  # query axes in front of the batch axis
@@ -143,19 +143,19 @@ class SoftBoundaryLoss:
         draw = self.oracle.sample(fold_in(k, "oracle"), x)
         return SpatialSample(x, (draw,), (p.forcing(x), xb, p.exact(xb)))
 
-    def residuals(self, params, xi, linear=None):
+    def residuals(self, params, xi):
         xp = array_namespace(xi.x)
-        est = self.oracle.estimate(self.model, params, xi.x, xi.oracle[0], linear=linear)
+        est = self.oracle.estimate(self.model, params, xi.x, xi.oracle[0])
         f, xb, ub = xi.forcing
         b = backend_of(xi.x)
         zero = b.asarray([0], dtype=b.index_dtype)
-        u_b = self.model.jet(params, xb, zero, 1, linear=linear).primal
+        u_b = self.model.jet(params, xb, zero, 1).primal
         interior = est.value - f
         boundary = sqrt(self.weight) * (u_b - ub)
         return (xp.concat([interior, boundary], axis=-1),)
 
-    def __call__(self, params, xi, linear=None):
-        r = self.residuals(params, xi, linear)[0]
+    def __call__(self, params, xi):
+        r = self.residuals(params, xi)[0]
         return array_namespace(r).mean(r * r, axis=-1)
 
 

@@ -30,9 +30,9 @@ import numpy as np
 import pytest
 from array_api_compat import array_namespace
 
-from sdze.testing import SpyLinear
+from sdze.testing import SpyLayers
 from sdze_core.keys import fold_in, key, split
-from sdze_core.models import MLP, Ansatz, default_linear
+from sdze_core.models import MLP, PLAIN_LAYERS, Ansatz, with_layer_map
 from sdze_core.oracles import (
     DenseBiharmonic,
     ExactBiharmonic,
@@ -419,7 +419,7 @@ def test_orders_and_float32(backend):
     assert out.value.dtype == backend.xp.float32 and tuple(out.value.shape) == (B,)
 
 
-# -- costs: coordinate directions are gathers; the linear hook is passed through ----------------
+# -- costs: coordinate directions are gathers; a model's layer map is honoured ----------------
 
 
 @pytest.mark.parametrize(
@@ -434,8 +434,8 @@ def test_orders_and_float32(backend):
 def test_coordinate_oracles_only_gather_first_layer_columns(backend, oracle):
     """No (V, d) one-hot: the first layer sees x once (the primal) and gathers V columns."""
     b, model, params, x = setup(backend, "ball")
-    spy = SpyLinear()
-    out = oracle(model, params, x, key(3), linear=spy)
+    spy = SpyLayers()
+    out = oracle(with_layer_map(model, spy), params, x, key(3))
     assert [c for c in spy.calls if c[0] == 0] == [(0, True, (B, 5))]
     assert spy.column_calls == [(0, (2 if not isinstance(oracle, SparseDiagonal) else 3,))]
     plain = oracle(model, params, x, key(3))
@@ -443,37 +443,39 @@ def test_coordinate_oracles_only_gather_first_layer_columns(backend, oracle):
 
 
 class AddDelta:
-    """Hook computing x (W + Δ)ᵀ without forming W + Δ, as a perturbation hook would."""
+    """Layer map computing x (W + Δ)ᵀ without forming W + Δ, as a perturbation's would."""
 
     def __init__(self, deltas):
         self.deltas = deltas
 
-    def __call__(self, layer, p, x, is_primal):
-        return default_linear(layer, p, x, is_primal) + x @ self.deltas[layer].T
+    def affine(self, layer, p, x, is_primal):
+        return PLAIN_LAYERS.affine(layer, p, x, is_primal) + x @ self.deltas[layer].T
 
     def columns(self, layer, p, index):
         delta = self.deltas[layer]
-        return default_linear.columns(layer, p, index) + array_namespace(delta).take(
+        return PLAIN_LAYERS.columns(layer, p, index) + array_namespace(delta).take(
             delta, index, axis=1
         )
 
 
 @pytest.mark.parametrize("name", ["sparse-laplacian", "dense-biharmonic", "sparse-biharmonic"])
-def test_linear_hook_is_passed_to_the_jets(backend, name):
+def test_the_models_layer_map_reaches_the_jets(backend, name):
+    """An oracle evaluates a model with a perturbed network as that network: the
+    estimate equals the one at the explicitly moved weights."""
     b, model, params, x = setup(backend, "ball")
     oracle = random_oracles(b, x.shape[1])[name][0]
     rng = np.random.default_rng(7)
     deltas = [0.1 * rng.standard_normal(p["W"].shape) for p in numpy_params("ball")]
-    hook = AddDelta([b.asarray(dl, dtype=b.dtype) for dl in deltas])
+    perturbed = with_layer_map(model, AddDelta([b.asarray(dl, dtype=b.dtype) for dl in deltas]))
     moved = [
         {"W": b.asarray(p["W"] + dl, dtype=b.dtype), "b": b.asarray(p["b"], dtype=b.dtype)}
         for p, dl in zip(numpy_params("ball"), deltas, strict=True)
     ]
     sample = oracle.sample(key(4), x)
-    hooked = oracle.estimate(model, params, x, sample, linear=hook)
+    mapped = oracle.estimate(perturbed, params, x, sample)
     direct = oracle.estimate(model, moved, x, sample)
-    assert_close(b.to_host(hooked.value), b.to_host(direct.value), 1e-12)
-    assert_close(b.to_host(hooked.u), b.to_host(direct.u), 1e-12)
+    assert_close(b.to_host(mapped.value), b.to_host(direct.value), 1e-12)
+    assert_close(b.to_host(mapped.u), b.to_host(direct.u), 1e-12)
 
 
 @pytest.mark.parametrize("d", [5, 6])

@@ -23,8 +23,8 @@ B = 4 points, refresh period T = 3, q = 2 queries, fixed keys.
   weights reproduces the drawn Z_i bitwise.
 * **Exact restore**: a perturbed evaluation (``CRNSPerturber.estimate``,
   central differences with CRNS and the complex-step forward gradient, for the
-  low-rank hook with and without a pending update and for the full
-  Gaussian) leaves the parameters bitwise unchanged — the hook computes
+  low-rank layer map with and without a pending update and for the full
+  Gaussian) leaves the parameters bitwise unchanged — the layer map computes
   W x ± ε c U (S (Vᵀ x)) and never writes W ± εZ into W — and the
   unperturbed loss is bitwise the same before and after. An engine run of
   2T + 1 steps (crossing two refreshes) with learning rate 0 leaves the
@@ -241,7 +241,7 @@ def test_perturbed_evaluation_leaves_the_parameters_unchanged(backend, estimator
     else:
         sampler = LowRankSubspace(rank=RANK, refresh_every=T)
     state = sampler.init(key(9), params)
-    if sampler_name == "lowrank-pending":  # a pending r × r update A ≠ 0 in the hook
+    if sampler_name == "lowrank-pending":  # a pending r × r update A ≠ 0 in the layer map
         directions = sampler.draw(state, params, key(10), Q)
         coords = sampler.project(directions, b.asarray([0.3, -0.2], dtype=b.dtype))
         state, params = sampler.apply(state, params, directions, coords)

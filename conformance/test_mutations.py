@@ -44,7 +44,8 @@ import pytest
 
 import sdze
 from sdze_core.keys import fold_in, key
-from sdze_core.models import MLP
+from sdze_core.models import MLP, with_layer_map
+from sdze_core.objectives import with_model
 from sdze_core.perturbers import CRNSPerturber, ZOEstimate
 from sdze_core.registry import make_backend
 from sdze_core.samplers import LowRankSubspace
@@ -107,13 +108,16 @@ def estimate_redrawing_minus_side(self, loss, params, sampler, sampler_state, di
         return ORIGINAL_ESTIMATE(self, loss, params, sampler, sampler_state, directions, key)
     q, eps = self.num_queries, self.eps_for(params)
     queries = list(range(q))
-    plus = sampler.hook(sampler_state, directions, queries, [eps] * q)
-    minus = sampler.hook(sampler_state, directions, queries, [-eps] * q)
+
+    def perturbed(scale):
+        layers = sampler.layer_map(sampler_state, directions, queries, [scale] * q)
+        return with_model(loss, with_layer_map(loss.model, layers))
+
     xp = sdze.backend_of(params[0]["W"]).xp
     values = xp.concat(
         [
-            loss(params, loss.sample(key), plus),
-            loss(params, loss.sample(fold_in(key, "redrawn")), minus),
+            perturbed(eps)(params, loss.sample(key)),
+            perturbed(-eps)(params, loss.sample(fold_in(key, "redrawn"))),
         ]
     )
     g = (values[:q] - values[q:]) / (2.0 * eps)

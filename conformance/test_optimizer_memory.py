@@ -30,6 +30,8 @@ Measured: exactly these values on numpy, array_api_strict, torch and jax
 """
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from array_api_compat import array_namespace
@@ -97,26 +99,27 @@ def check_scalars(tree) -> None:
         assert leaf is None or isinstance(leaf, (Key, int, float, str)), type(leaf)
 
 
+@dataclass(frozen=True, eq=False)
 class FitLoss:
-    """ℓ(θ) = mean over B fixed points of (u_θ(x) − 1)²: a cheap loss for the engine."""
+    """ℓ(θ) = mean over B fixed points x of (u_θ(x) − 1)²: a cheap loss for the engine
+    (a dataclass with a ``model`` field, which the perturber replaces)."""
 
-    def __init__(self, b, model, d):
-        self.model, self.xp = model, b.xp
-        self.x = b.normal(key(100 + d), (B, d)) / math.sqrt(d)
+    model: Any
+    x: Any
 
     def sample(self, k):
         return None
 
-    def __call__(self, params, xi, linear=None):
-        u = self.model.apply(params, self.x, linear)
-        return self.xp.mean((u - 1.0) ** 2, axis=-1)
+    def __call__(self, params, xi):
+        u = self.model.apply(params, self.x)
+        return array_namespace(u).mean((u - 1.0) ** 2, axis=-1)
 
 
 def measure(b, d, sampler, optimizer_name):
     """Byte counts of the engine state after init and after each of STEPS steps."""
     model = MLP((d, HIDDEN, 1))
     params = model.init(key(0), b)
-    loss = FitLoss(b, model, d)
+    loss = FitLoss(model, b.normal(key(100 + d), (B, d)) / math.sqrt(d))
     engine = SDZE(CRNSPerturber(num_queries=Q), sampler, OPTIMIZERS[optimizer_name]())
     state = engine.init(key(1), params)
     counts = []

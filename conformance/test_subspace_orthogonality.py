@@ -14,12 +14,12 @@ biases get z_b ~ N(0, I_m). Checked on every backend:
 * **Z lies in the subspace** (deterministic): ‖(I − UUᵀ)Z‖_F and
   ‖Z(I − VVᵀ)‖_F are ≤ tol · ‖Z‖_F (same tolerances), and Z = c U S Vᵀ
   entrywise, both for the dense ``perturbation`` and for the Z the forward
-  pass applies (the hook's matrix-free product applied to the identity).
+  pass applies (the sampler's layer map's matrix-free product applied to the identity).
   Measured: ≤ 7.4e-16 (float64), ≤ 4.6e-7 (float32).
 * **Covariance**: with vec stacking columns, vec(U S Vᵀ) = (V ⊗ U) vec S, so
   E[vec Z vec Zᵀ] = Σ = c² (VVᵀ ⊗ UUᵀ), c² times an orthogonal projector of
   rank r² (checked: P² = P, tr P = r², tr Σ = m n). For m = 4, n = 5, r = 2
-  (c² = 5), N = 40 000 draws of S with fixed bases, Z taken from the hook,
+  (c² = 5), N = 40 000 draws of S with fixed bases, Z taken from the layer map,
   the empirical second moment Ĉ = (1/N) Σ_i vec Z_i vec Z_iᵀ (the mean is
   known to be 0) is compared with Σ entrywise: Z is Gaussian, so (Isserlis)
   Var(z_a z_b) = Σ_aa Σ_bb + Σ_ab² and each entry's standard error is
@@ -31,7 +31,7 @@ biases get z_b ~ N(0, I_m). Checked on every backend:
   ≤ 7.7e-16): every draw is in the subspace.
 * **ZO estimate's moments**: a loss linear in the parameters of one layer
   (4 × 5 weight plus bias, B = 3 fixed points), ℓ(θ) = Σ_{b,j} C_bj (W x_b + b)_j
-  evaluated through the sampler's hook, has the known gradient
+  evaluated by a one-layer model that the perturber perturbs, has the known gradient
   ∇_W ℓ = Cᵀ X, ∇_b ℓ = Cᵀ 1, and the central differences of
   :class:`CRNSPerturber` are exact on it (checked: g_i = z_iᵀ∇ℓ to 1e-9
   relative; measured ≤ 1.5e-14). With u = (vec S, z_b) ~ N(0, I_k),
@@ -59,9 +59,12 @@ biases get z_b ~ N(0, I_m). Checked on every backend:
 The statistical tests run in float64 with fixed keys: deterministic.
 """
 
+from dataclasses import dataclass
 from math import sqrt
+from typing import Any
 
 import pytest
+from array_api_compat import array_namespace
 
 from sdze_core.keys import fold_in, key
 from sdze_core.models import MLP
@@ -93,20 +96,21 @@ def layers(b):
     ]
 
 
-def hook_perturbations(b, sampler, state, directions, layer, params):
+def applied_perturbations(b, sampler, state, directions, layer, params):
     """Z_k of one layer for every drawn query as the forward pass applies it.
 
-    The hook computes x (W + Δ_k)ᵀ matrix-free as x Wᵀ + ((x V) C_kᵀ) Uᵀ; with
-    W = 0 and x = I_n its output is Δ_kᵀ = Z_kᵀ (scale s_k = 1). Returns (q, m, n).
+    The sampler's layer map computes x (W + Δ_k)ᵀ matrix-free as
+    x Wᵀ + ((x V) C_kᵀ) Uᵀ; with W = 0 and x = I_n its output is Δ_kᵀ = Z_kᵀ
+    (scale s_k = 1). Returns (q, m, n).
     """
     q = directions.S[layer].shape[0]
     m, n = params[layer]["W"].shape
-    hook = sampler.hook(state, directions, list(range(q)), [1.0] * q)
+    layer_map = sampler.layer_map(state, directions, list(range(q)), [1.0] * q)
     zero = {"W": b.zeros((m, n)), "b": b.zeros((m,))}
     eye = b.asarray(np.eye(n), dtype=b.dtype)
     # The first layer adds the query axis; later layers take it in their input.
     x = eye if layer == 0 else b.xp.broadcast_to(eye, (q, n, n))
-    y = hook(layer, zero, x, False)  # (q, n, m)
+    y = layer_map.affine(layer, zero, x, False)  # (q, n, m)
     return np.transpose(host(b, y), (0, 2, 1))
 
 
@@ -155,10 +159,10 @@ def test_perturbation_lies_in_the_subspace(backend, dtype, store_bases):
         S = host(b, directions.S[layer])
         c = directions.scale[layer]
         assert c == pytest.approx(sqrt(m * n) / r, rel=1e-15)
-        through_hook = hook_perturbations(b, sampler, state, directions, layer, params)
+        through_map = applied_perturbations(b, sampler, state, directions, layer, params)
         for i in range(q):
             dense = host(b, sampler.perturbation(directions, layer, i))
-            for Z in (dense, through_hook[i]):
+            for Z in (dense, through_map[i]):
                 norm = np.linalg.norm(Z)
                 assert norm > 1e-3
                 assert np.linalg.norm((np.eye(m) - U @ U.T) @ Z) <= tol * norm
@@ -183,7 +187,7 @@ def test_covariance_is_c2_times_the_subspace_projector(backend):
     c = directions.scale[0]
     assert c * c == pytest.approx(M * N_IN / R**2, rel=1e-14)
 
-    Z = hook_perturbations(b, sampler, state, directions, 0, params)  # (N, m, n)
+    Z = applied_perturbations(b, sampler, state, directions, 0, params)  # (N, m, n)
     # Column-stacking vec: vec(Z)[j m + i] = Z[i, j], so vec(U S Vᵀ) = (V ⊗ U) vec S.
     vecZ = np.reshape(np.transpose(Z, (0, 2, 1)), (SAMPLES, M * N_IN))
     S = host(b, directions.S[0])
@@ -209,25 +213,23 @@ def test_covariance_is_c2_times_the_subspace_projector(backend):
 # -- moments of the ZO estimate -------------------------------------------------------------
 
 
+@dataclass(frozen=True, eq=False)
 class LinearLoss:
-    """ℓ(θ) = Σ_{b,j} C_bj (x_b Wᵀ + b)_j for fixed X (B × n), C (B × m), evaluated
-    through the sampler's hook: ∇_W ℓ = Cᵀ X, ∇_b ℓ = Cᵀ 1, and central
-    differences are exact (up to round-off) for a linear ℓ."""
+    """ℓ(θ) = Σ_{b,j} C_bj (x_b Wᵀ + b)_j for fixed X (B × n), C (B × m), with
+    ``model`` the one affine layer x ↦ x Wᵀ + b (the perturber puts the perturbed
+    one in its place): ∇_W ℓ = Cᵀ X, ∇_b ℓ = Cᵀ 1, and central differences are
+    exact (up to round-off) for a linear ℓ."""
 
-    def __init__(self, b, X, C):
-        self.X, self.C = b.asarray(X, dtype=b.dtype), b.asarray(C, dtype=b.dtype)
-        self.xp = b.xp
+    model: Any
+    X: Any
+    C: Any
 
     def sample(self, k):
         return None  # no spatial randomness
 
-    def __call__(self, params, xi, linear=None):
-        xp = self.xp
-        if linear is None:
-            y = self.X @ xp.matrix_transpose(params[0]["W"]) + params[0]["b"]
-        else:
-            y = linear(0, params[0], self.X, True)  # (Q, B, m)
-        return xp.sum(y * self.C, axis=(-2, -1))
+    def __call__(self, params, xi):
+        y = self.model.apply(params, self.X)  # (B, m), or (Q, B, m) perturbed
+        return array_namespace(y).sum(y * self.C, axis=(-2, -1))
 
 
 def standard_errors(samples):
@@ -246,7 +248,8 @@ def test_zo_estimate_moments(backend, bias_gradient):
     if not bias_gradient:
         C -= C.mean(axis=0)  # ∇_b ℓ = Cᵀ1 = 0
     grad_W, grad_b = C.T @ X, C.sum(axis=0)
-    loss = LinearLoss(b, X, C)
+    one_layer = MLP((N_IN, M))  # no activation: y = x Wᵀ + b
+    loss = LinearLoss(one_layer, b.asarray(X, dtype=b.dtype), b.asarray(C, dtype=b.dtype))
 
     sampler = LowRankSubspace(rank=R)
     state = sampler.init(key(15), params)

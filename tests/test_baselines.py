@@ -10,10 +10,10 @@ from sdze.testing import device_for, get_test_backend
 from sdze_core.backend import AutodiffNotAvailableError
 from sdze_core.first_order import FirstOrderAdam
 from sdze_core.keys import key
-from sdze_core.models import MLP, Ansatz
+from sdze_core.models import MLP, Ansatz, with_layer_map
 from sdze_core.objectives import ResidualLoss
 from sdze_core.oracles import NestedAutodiffLaplacian, SparseLaplacian
-from sdze_core.samplers import FullGaussian
+from sdze_core.samplers import FullGaussian, LowRankSubspace
 
 AUTODIFF = ["torch", "jax"]
 D = 7
@@ -75,11 +75,16 @@ def test_nested_autodiff_needs_an_autodiff_backend(name):
         NestedAutodiffLaplacian(num_directions=2)(model, params, x, key(0))
 
 
-def test_nested_autodiff_refuses_a_perturbation_hook():
-    b, model, params, x = setup("torch")
+@pytest.mark.parametrize("name", AUTODIFF)
+def test_nested_autodiff_refuses_a_perturbed_model(name):
+    """SDZE's perturbed copies (output (Q, B)) would be differentiated as their sum."""
+    b, model, params, x = setup(name)
+    sampler = LowRankSubspace(rank=2)
+    state = sampler.init(key(3), params)
+    directions = sampler.draw(state, params, key(4), 2)
+    perturbed = with_layer_map(model, sampler.layer_map(state, directions, [0, 1], [1e-3, -1e-3]))
     with pytest.raises(TypeError, match="SparseLaplacian"):
-        NestedAutodiffLaplacian(num_directions=2)(model, params, x, key(0),
-                                                  linear=lambda *a: None)
+        NestedAutodiffLaplacian(num_directions=2)(perturbed, params, x, key(0))
 
 
 def test_solver_builds_every_method():

@@ -11,7 +11,10 @@ from helpers import isolate_problem_registry
 DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs"
 
 #: (page, a string that identifies the block): blocks that are complete programs.
-RUNNABLE = [("sdze.md", "ActivityPerturbation(activity_adafactor")]
+RUNNABLE = [
+    ("sdze.md", "ActivityPerturbation(activity_adafactor"),
+    ("sdze.md", "engine.evaluation_model(run.model"),
+]
 
 
 def python_blocks(page: str) -> list[str]:

@@ -5,6 +5,7 @@ The problem: u = (1 − ‖x‖²) N(x) on the ball in d = 6, the residual
 Δu − F(u, x) with F = u²/2 + x₁ − 2d, Δu by a sparse Laplacian on 4 coordinates.
 """
 
+import dataclasses
 import gc
 
 import numpy as np
@@ -13,8 +14,8 @@ import pytest
 from helpers import assert_close, copy_params, dense_params, host, host_params
 from sdze_core.engine import SDZE, SDZEState, StepInfo
 from sdze_core.keys import fold_in, key
-from sdze_core.models import MLP, Ansatz
-from sdze_core.objectives import ResidualLoss
+from sdze_core.models import MLP, Ansatz, with_layer_map
+from sdze_core.objectives import ResidualLoss, with_model
 from sdze_core.optimizers import zo_adam, zo_sgd
 from sdze_core.oracles import SparseLaplacian
 from sdze_core.perturbers import CRNSPerturber, NonFiniteLossError
@@ -59,7 +60,7 @@ def evaluation_points(b):
 
 def network(b, model, engine, params, state, x):
     """The current network at x (the pending low-rank update included), on the host."""
-    return host(b, model.apply(params, x, linear=engine.hook(params, state)))
+    return host(b, engine.evaluation_model(model, params, state).apply(params, x))
 
 
 def run(engine, loss, params, seed, steps):
@@ -131,19 +132,16 @@ def test_runs_are_deterministic(backend, name):
     assert first_losses != other_losses
 
 
-class RecordingLoss:
-    """A loss that records the keys its spatial samples are drawn from."""
+@dataclasses.dataclass(frozen=True)
+class RecordingLoss(ResidualLoss):
+    """A loss that records the keys its spatial samples are drawn from (in a list
+    shared with the copies the perturber makes with a perturbed model)."""
 
-    def __init__(self, loss):
-        self.loss = loss
-        self.keys = []
+    keys: list = dataclasses.field(default_factory=list)
 
     def sample(self, k):
         self.keys.append(k)
-        return self.loss.sample(k)
-
-    def __call__(self, params, xi, linear=None):
-        return self.loss(params, xi, linear)
+        return super().sample(k)
 
 
 def test_spatial_sample_depends_only_on_the_spatial_key(backend):
@@ -161,7 +159,8 @@ def test_spatial_sample_depends_only_on_the_spatial_key(backend):
     expected = [fold_in(fold_in(fold_in(run_key, "steps"), t), "spatial") for t in range(3)]
     samples = []
     for engine in engines:
-        recording = RecordingLoss(loss)
+        recording = RecordingLoss(**{f.name: getattr(loss, f.name)
+                                     for f in dataclasses.fields(loss)})
         p = copy_params(b, params)
         state = engine.init(run_key, p)
         for t in range(3):
@@ -170,7 +169,8 @@ def test_spatial_sample_depends_only_on_the_spatial_key(backend):
             assert param == fold_in(fold_in(state.key, t), "param") != spatial
             # The reported loss is ℓ(θ; ξ) at ξ = loss.sample(spatial key), up to O(ε²).
             xi = loss.sample(spatial)
-            current = float(host(b, loss(p, xi, engine.hook(p, state))))
+            current_loss = with_model(loss, engine.evaluation_model(model, p, state))
+            current = float(host(b, current_loss(p, xi)))
             recording.keys.clear()
             p, state, info = engine.step(recording, p, state)
             assert recording.keys == [expected[t]]
@@ -220,7 +220,10 @@ def test_forward_and_central_estimates_equal_the_dense_derivative(backend, kind)
 
     # The dense directional derivative: explicit θ ± ε z_i, the same ξ.
     xi = loss.sample(spatial)
-    plain = float(host(b, loss(params, xi, sampler.evaluation_hook(state, params))))
+    current_model = model
+    if sampler.evaluation_layer_map(state, params) is not None:
+        current_model = with_layer_map(model, sampler.evaluation_layer_map(state, params))
+    plain = float(host(b, with_model(loss, current_model)(params, xi)))
     eps = 1e-5
     for i in range(q):
         plus = float(host(b, loss(dense_params(b, sampler, state, directions, params, i, eps), xi)))
@@ -384,7 +387,7 @@ def test_invalid_configurations():
 # -- merging ---------------------------------------------------------------------------------
 
 
-def test_merge_equals_the_evaluation_hook(backend):
+def test_merge_equals_the_evaluation_model(backend):
     b, model, loss, params, _ = problem(backend)
     engine = SDZE(
         CRNSPerturber(num_queries=2), LowRankSubspace(rank=3, refresh_every=10), zo_adam(1e-2)
@@ -392,22 +395,22 @@ def test_merge_equals_the_evaluation_hook(backend):
     params, state, _ = run(engine, loss, params, 1, 4)
     x = evaluation_points(b)
     unmerged = copy_params(b, params)
-    hooked = host(b, model.apply(unmerged, x, linear=engine.hook(unmerged, state)))
-    assert np.max(np.abs(hooked - host(b, model.apply(unmerged, x)))) > 1e-6  # A matters
+    current = host(b, engine.evaluation_model(model, unmerged, state).apply(unmerged, x))
+    assert np.max(np.abs(current - host(b, model.apply(unmerged, x)))) > 1e-6  # A matters
     merged_state, merged = engine.merge(params, state)
     assert merged_state.step == state.step
     for A in merged_state.sampler.pending:
         np.testing.assert_array_equal(host(b, A), np.zeros(A.shape))
-    assert_close(host(b, model.apply(merged, x)), hooked, RTOL64)
-    after = host(b, model.apply(merged, x, linear=engine.hook(merged, merged_state)))
-    assert_close(after, hooked, RTOL64)
+    assert_close(host(b, model.apply(merged, x)), current, RTOL64)
+    after = host(b, engine.evaluation_model(model, merged, merged_state).apply(merged, x))
+    assert_close(after, current, RTOL64)
 
 
 def test_merge_is_a_no_op_for_the_full_gaussian(backend):
     b, model, loss, params, _ = problem(backend)
     engine = SDZE(CRNSPerturber(num_queries=2), FullGaussian(), zo_sgd(1e-6))
     params, state, _ = run(engine, loss, params, 1, 2)
-    assert engine.hook(params, state) is None
+    assert engine.evaluation_model(model, params, state) is model
     before = host_params(b, params)
     merged_state, merged = engine.merge(params, state)
     assert merged_state == state

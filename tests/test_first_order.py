@@ -322,10 +322,11 @@ def test_nan_loss_raises_and_applies_nothing(name):
     assert math.isfinite(info.loss) and state.step == 2
 
 
-def test_merge_and_hook_are_trivial():
+def test_merge_and_evaluation_model_are_trivial():
     b = backend64("torch")
     method = FirstOrderAdam()
-    params = poisson_loss(b).model.init(key(0), b)
+    model = poisson_loss(b).model
+    params = model.init(key(0), b)
     state = method.init(key(1), params)
     assert method.merge(params, state) == (state, params)
-    assert method.hook(params, state) is None
+    assert method.evaluation_model(model, params, state) is model

@@ -1,4 +1,4 @@
-"""MLP and PINN ansatz: parameters, forward pass, jets, the linear hook.
+"""MLP and PINN ansatz: parameters, forward pass, jets, layer maps.
 
 References: jax.experimental.jet (orders 1-6) and torch.func nested jvp
 (orders 1-6), both in float64 on NumPy copies of the same parameters.
@@ -15,10 +15,17 @@ import torch
 from array_api_compat import array_namespace
 from jax.experimental.jet import jet as jax_jet
 
-from sdze.testing import SpyLinear, get_test_backend
+from sdze.testing import SpyLayers, get_test_backend
 from sdze_core import jets
 from sdze_core.keys import fold_in, key
-from sdze_core.models import MLP, Ansatz, default_linear
+from sdze_core.models import (
+    MLP,
+    PLAIN_LAYERS,
+    Ansatz,
+    LayerMapNetwork,
+    with_layer_map,
+    with_network,
+)
 
 jax.config.update("jax_enable_x64", True)
 
@@ -247,9 +254,9 @@ def test_coordinate_jets_equal_one_hot_jets(backend, model):
 def test_coordinate_first_layer_is_a_gather(backend):
     """Along e_j the first layer is only a column gather: no product with a (V, d) array."""
     b = backend.with_config(dtype="float64")
-    spy = SpyLinear()
+    spy = SpyLayers()
     params, x = backend_params(b), b.asarray(points(), dtype=b.dtype)
-    out = MLP(SIZES).jet(params, x, directions_for(b, "index"), 3, linear=spy)
+    out = with_layer_map(MLP(SIZES), spy).jet(params, x, directions_for(b, "index"), 3)
     assert spy.column_calls == [(0, (V,))]
     assert [c for c in spy.calls if c[0] == 0] == [(0, True, (B, D))]
     # Deeper layers see the direction axis, nothing of size d.
@@ -305,51 +312,84 @@ def test_collapsed_top_is_sum_of_uncollapsed_top(backend, model, kind):
             assert_close(b.to_host(s), b.to_host(f), RTOL64)
 
 
-# -- the linear hook --------------------------------------------------------------
+# -- layer maps: the perturbation belongs to the model ----------------------------
 
 
 class AddDelta:
-    """Hook computing x (W + Δ)ᵀ without forming W + Δ, as a perturbation hook would."""
+    """Layer map computing x (W + Δ)ᵀ without forming W + Δ, as a perturbation's would."""
 
     def __init__(self, deltas):
         self.deltas = deltas
 
-    def __call__(self, layer, p, x, is_primal):
-        return default_linear(layer, p, x, is_primal) + x @ self.deltas[layer].T
+    def affine(self, layer, p, x, is_primal):
+        return PLAIN_LAYERS.affine(layer, p, x, is_primal) + x @ self.deltas[layer].T
 
     def columns(self, layer, p, index):
         delta = self.deltas[layer]
         xp = array_namespace(delta)
-        return default_linear.columns(layer, p, index) + xp.take(delta, index, axis=1)
+        return PLAIN_LAYERS.columns(layer, p, index) + xp.take(delta, index, axis=1)
 
 
 @pytest.mark.parametrize("kind", ["index", "shared"])
-def test_linear_hook_replaces_the_affine_map(backend, kind):
+def test_layer_map_replaces_the_affine_map(backend, kind):
     b = backend.with_config(dtype="float64")
     model = Ansatz(MLP(SIZES))
     params, x = backend_params(b), b.asarray(points(), dtype=b.dtype)
     rng = np.random.default_rng(7)
     deltas = [0.1 * rng.standard_normal(tuple(p["W"].shape)) for p in numpy_params()]
-    hook = AddDelta([b.asarray(dl, dtype=b.dtype) for dl in deltas])
+    mapped = with_layer_map(model, AddDelta([b.asarray(dl, dtype=b.dtype) for dl in deltas]))
+    assert isinstance(mapped, Ansatz) and isinstance(mapped.network, LayerMapNetwork)
     moved = [
         {"W": b.asarray(p["W"] + dl, dtype=b.dtype), "b": b.asarray(p["b"], dtype=b.dtype)}
         for p, dl in zip(numpy_params(), deltas, strict=True)
     ]
-    assert_close(
-        b.to_host(model.apply(params, x, linear=hook)), b.to_host(model.apply(moved, x)), RTOL64
-    )
-    hooked = model.jet(params, x, directions_for(b, kind), 3, linear=hook)
+    assert_close(b.to_host(mapped.apply(params, x)), b.to_host(model.apply(moved, x)), RTOL64)
+    through_map = mapped.jet(params, x, directions_for(b, kind), 3)
     plain = model.jet(moved, x, directions_for(b, kind), 3)
-    for h, p in zip(terms(hooked), terms(plain), strict=True):
+    for h, p in zip(terms(through_map), terms(plain), strict=True):
         assert_close(b.to_host(h), b.to_host(p), RTOL64)
 
 
-def test_coordinate_directions_need_a_columns_hook(backend):
+class AffineOnly:
+    """A layer map without ``columns``."""
+
+    def affine(self, layer, p, x, is_primal):
+        return PLAIN_LAYERS.affine(layer, p, x, is_primal)
+
+
+def test_coordinate_directions_need_a_columns_method(backend):
     b = backend.with_config(dtype="float64")
     params, x = backend_params(b), b.asarray(points(), dtype=b.dtype)
     with pytest.raises(TypeError, match="columns"):
-        hook = lambda *args: default_linear(*args)  # a plain function: no columns method
-        MLP(SIZES).jet(params, x, directions_for(b, "index"), 2, linear=hook)
+        with_layer_map(MLP(SIZES), AffineOnly()).jet(params, x, directions_for(b, "index"), 2)
+
+
+def test_plain_layer_map_is_the_network(backend):
+    """The plain map through the wrapper gives the network's numbers bit for bit."""
+    b = backend.with_config(dtype="float64")
+    params, x = backend_params(b), b.asarray(points(), dtype=b.dtype)
+    for model in (MLP(SIZES), Ansatz(MLP(SIZES), "annulus")):
+        mapped = with_layer_map(model, PLAIN_LAYERS)
+        np.testing.assert_array_equal(
+            b.to_host(mapped.apply(params, x)), b.to_host(model.apply(params, x))
+        )
+        for kind in ("index", "shared"):
+            ours = mapped.jet(params, x, directions_for(b, kind), 2, collapse=True)
+            theirs = model.jet(params, x, directions_for(b, kind), 2, collapse=True)
+            for m, p in zip(terms(ours), terms(theirs), strict=True):
+                np.testing.assert_array_equal(b.to_host(m), b.to_host(p))
+
+
+def test_with_network_needs_an_mlp_network():
+    class NotAModel:
+        network = MLP(SIZES)  # not a dataclass: nothing to replace the field of
+
+    wrapped = with_network(MLP(SIZES), lambda n: ("wrapped", n))
+    assert wrapped == ("wrapped", MLP(SIZES))
+    with pytest.raises(TypeError, match="a layer map needs an MLP or a model dataclass"):
+        with_layer_map(NotAModel(), PLAIN_LAYERS)
+    with pytest.raises(TypeError, match="got NoneType"):
+        with_layer_map(None, PLAIN_LAYERS)
 
 
 # -- parameters and validation ---------------------------------------------------------

@@ -39,7 +39,7 @@ class ExactSolutionModel:
     def __init__(self, problem: Problem):
         self.problem = problem
 
-    def jet(self, params, x, directions, order, collapse=False, linear=None):
+    def jet(self, params, x, directions, order, collapse=False):
         xp = array_namespace(x)
         if xp.isdtype(directions.dtype, "integral"):
             eye = xp.eye(x.shape[-1], dtype=x.dtype, device=x.device)

@@ -1,6 +1,8 @@
 """The record is the run: settings as used, the rng mode, honest messages, the network as it is."""
 
 import json
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ from sdze.cli import main
 from sdze.solver import SolverConfig, build
 from sdze_core.engine import SDZE
 from sdze_core.keys import fold_in, key
+from sdze_core.objectives import with_model
 from sdze_core.optimizers import zo_adam
 from sdze_core.perturbers import CRNSPerturber
 from sdze_core.samplers import LowRankSubspace
@@ -127,8 +130,30 @@ def test_load_network_of_a_merged_state_is_the_stored_one(tmp_path):
 # -- what a loss must be -----------------------------------------------------------------------
 
 
-class _IgnoresTheHook:
-    """A loss that evaluates the plain network whatever the hook: shape ()."""
+@dataclass(frozen=True)
+class _IgnoresItsModel:
+    """A loss that evaluates the plain network whatever model it is given: shape ()."""
+
+    model: Any
+    loss: Any
+
+    def sample(self, k):
+        return self.loss.sample(k)
+
+    def __call__(self, params, xi):
+        return self.loss(params, xi)
+
+
+@dataclass(frozen=True)
+class _NoResiduals(_IgnoresItsModel):
+    """A loss that evaluates its model but has no residuals."""
+
+    def __call__(self, params, xi):
+        return with_model(self.loss, self.model)(params, xi)
+
+
+class _NoModelField:
+    """A loss with no `model` field for the perturbed model."""
 
     def __init__(self, loss):
         self.loss = loss
@@ -136,15 +161,8 @@ class _IgnoresTheHook:
     def sample(self, k):
         return self.loss.sample(k)
 
-    def __call__(self, params, xi, linear=None):
+    def __call__(self, params, xi):
         return self.loss(params, xi)
-
-
-class _NoResiduals(_IgnoresTheHook):
-    """A loss that passes the hook on but has no residuals."""
-
-    def __call__(self, params, xi, linear=None):
-        return self.loss(params, xi, linear)
 
 
 def _engine_and_params(backend, residual_aligned=False):
@@ -156,15 +174,24 @@ def _engine_and_params(backend, residual_aligned=False):
     return run, engine, params, engine.init(key(1), params)
 
 
-def test_a_loss_that_ignores_the_hook_is_a_clear_error(backend):
+def test_a_loss_that_ignores_its_model_is_a_clear_error(backend):
     run, engine, params, state = _engine_and_params(backend)
     with pytest.raises(ValueError, match=r"the loss returned shape \(\) for a batch of 4 "
                                          r"perturbed networks"):
-        engine.step(_IgnoresTheHook(run.loss), params, state)
+        engine.step(_IgnoresItsModel(run.model, run.loss), params, state)
+
+
+def test_the_perturbed_model_needs_a_place_in_the_loss(backend):
+    run, engine, params, state = _engine_and_params(backend)
+    with pytest.raises(TypeError, match=r"subspace perturbation \(CRNSPerturber\) needs a loss "
+                                        r"that is a dataclass with a `model` field.*_NoModelField"):
+        engine.step(_NoModelField(run.loss), params, state)
+    with pytest.raises(TypeError, match=r"needs an MLP or a model dataclass.*got str"):
+        engine.step(_IgnoresItsModel("not a model", run.loss), params, state)
 
 
 def test_residual_aligned_needs_residuals(backend):
     run, engine, params, state = _engine_and_params(backend, residual_aligned=True)
     with pytest.raises(TypeError, match=r"residual_aligned=True.*_NoResiduals has none"):
-        engine.step(_NoResiduals(run.loss), params, state)
+        engine.step(_NoResiduals(run.model, run.loss), params, state)
     engine.step(run.loss, params, state)  # a ResidualLoss is fine

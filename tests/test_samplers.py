@@ -1,9 +1,9 @@
 """Perturbation samplers (docs/method.md#subspace-perturbations): bases, draws, the
-matrix-free hook, updates.
+matrix-free layer map, updates.
 
 Every test runs on every installed backend (the ``backend`` fixture). The
 references are dense computations on NumPy copies: the perturbed parameters
-W + s Z_k formed explicitly and evaluated without a hook.
+W + s Z_k formed explicitly and evaluated by the plain model.
 """
 
 from math import sqrt
@@ -15,7 +15,7 @@ import pytest
 import sdze_core.samplers as samplers_module
 from helpers import assert_close, copy_params, dense_params, f64, host, host_params
 from sdze_core.keys import fold_in, key
-from sdze_core.models import MLP, Ansatz
+from sdze_core.models import MLP, Ansatz, with_layer_map
 from sdze_core.oracles import HutchinsonLaplacian, SparseLaplacian
 from sdze_core.samplers import FullGaussian, LowRankState, LowRankSubspace, add_low_rank
 
@@ -246,7 +246,7 @@ def test_refresh_folds_the_pending_update_into_w_in_the_old_bases(backend):
         np.testing.assert_array_equal(host(b, A), np.zeros(A.shape))
 
 
-# -- the matrix-free hook against the dense computation -------------------------------------
+# -- the matrix-free layer map against the dense computation --------------------------------
 
 
 def sampler_setup(b, kind, params):
@@ -273,34 +273,34 @@ SAMPLERS = ["lowrank", "lowrank-step", "lowrank-pending", "full"]
 
 @pytest.mark.parametrize("model_kind", ["mlp", "ansatz"])
 @pytest.mark.parametrize("kind", SAMPLERS)
-def test_hook_apply_equals_dense(backend, model_kind, kind):
+def test_layer_map_apply_equals_dense(backend, model_kind, kind):
     b = f64(backend)
     model = make_model(model_kind)
     params = model.init(key(0), b)
     sampler, state, params, directions = sampler_setup(b, kind, params)
     x = points(b)
-    hook = sampler.hook(state, directions, Q_INDEX, Q_SCALES)
-    out = host(b, model.apply(params, x, linear=hook))
+    layers = sampler.layer_map(state, directions, Q_INDEX, Q_SCALES)
+    out = host(b, with_layer_map(model, layers).apply(params, x))
     assert out.shape == (len(Q_INDEX), B)
     plain = host(b, model.apply(params, x))
     for k, (i, s) in enumerate(zip(Q_INDEX, Q_SCALES, strict=True)):
         ref = host(b, model.apply(dense_params(b, sampler, state, directions, params, i, s), x))
         assert_close(out[k], ref, RTOL64)
         assert np.max(np.abs(ref - plain)) > 1e-4  # the perturbation matters
-    # Without queries the hook evaluates the current network (pending update included).
-    current = host(b, model.apply(params, x, linear=sampler.hook(state, directions)))
+    # Without queries the map evaluates the current network (pending update included).
+    current = host(b, with_layer_map(model, sampler.layer_map(state, directions)).apply(params, x))
     ref = host(b, model.apply(dense_params(b, sampler, state, directions, params, 0, 0.0), x))
     assert current.shape == (B,)
     assert_close(current, ref, RTOL64)
 
 
-def assert_jets_close(hooked, refs):
-    """hooked: primal (Q, B), coefficients (V, Q, B); refs: one jet per query."""
-    primal = np.asarray(hooked[0])
+def assert_jets_close(mapped, refs):
+    """mapped: primal (Q, B), coefficients (V, Q, B); refs: one jet per query."""
+    primal = np.asarray(mapped[0])
     assert primal.shape == (len(refs), B)
     for k, ref in enumerate(refs):
         assert_close(primal[k], ref[0], RTOL64)
-        for c, r in zip(hooked[1:], ref[1:], strict=True):
+        for c, r in zip(mapped[1:], ref[1:], strict=True):
             assert (c is None) == (r is None)
             if c is not None:
                 assert_close(np.asarray(c)[:, k, :], r, RTOL64)
@@ -313,7 +313,7 @@ def jet_terms(b, jet):
 @pytest.mark.parametrize("model_kind", ["mlp", "ansatz"])
 @pytest.mark.parametrize("kind", SAMPLERS)
 @pytest.mark.parametrize("directions_kind", ["index", "dense"])
-def test_hook_jet_equals_dense(backend, model_kind, kind, directions_kind):
+def test_layer_map_jet_equals_dense(backend, model_kind, kind, directions_kind):
     b = f64(backend)
     model = make_model(model_kind)
     params = model.init(key(0), b)
@@ -323,13 +323,13 @@ def test_hook_jet_equals_dense(backend, model_kind, kind, directions_kind):
         v = b.asarray([4, 0, 2], dtype=b.index_dtype)
     else:
         v = b.normal(key(31), (3, SIZES[0]))
-    hook = sampler.hook(state, directions, Q_INDEX, Q_SCALES)
-    hooked = jet_terms(b, model.jet(params, x, v, 3, linear=hook))
+    perturbed = with_layer_map(model, sampler.layer_map(state, directions, Q_INDEX, Q_SCALES))
+    mapped = jet_terms(b, perturbed.jet(params, x, v, 3))
     refs = [
         jet_terms(b, model.jet(dense_params(b, sampler, state, directions, params, i, s), x, v, 3))
         for i, s in zip(Q_INDEX, Q_SCALES, strict=True)
     ]
-    assert_jets_close(hooked, refs)
+    assert_jets_close(mapped, refs)
 
 
 @pytest.mark.parametrize("model_kind", ["mlp", "ansatz"])
@@ -337,15 +337,15 @@ def test_hook_jet_equals_dense(backend, model_kind, kind, directions_kind):
 @pytest.mark.parametrize(
     "oracle", [SparseLaplacian(3), HutchinsonLaplacian(2)], ids=["sparse", "hutchinson"]
 )
-def test_hook_oracle_equals_dense(backend, model_kind, kind, oracle):
+def test_layer_map_oracle_equals_dense(backend, model_kind, kind, oracle):
     b = f64(backend)
     model = make_model(model_kind)
     params = model.init(key(0), b)
     sampler, state, params, directions = sampler_setup(b, kind, params)
     x = points(b)
     sample = oracle.sample(key(17), x)
-    hook = sampler.hook(state, directions, Q_INDEX, Q_SCALES)
-    estimate = oracle.estimate(model, params, x, sample, linear=hook)
+    perturbed = with_layer_map(model, sampler.layer_map(state, directions, Q_INDEX, Q_SCALES))
+    estimate = oracle.estimate(perturbed, params, x, sample)
     u, value = host(b, estimate.u), host(b, estimate.value)
     assert u.shape == value.shape == (len(Q_INDEX), B)
     for k, (i, s) in enumerate(zip(Q_INDEX, Q_SCALES, strict=True)):
@@ -355,15 +355,15 @@ def test_hook_oracle_equals_dense(backend, model_kind, kind, oracle):
         assert_close(value[k], host(b, ref.value), RTOL64)
 
 
-def test_hook_float32_equals_dense(backend):
-    """The hook in the default float32 (the default dtype of training)."""
+def test_layer_map_float32_equals_dense(backend):
+    """The layer map in the default float32 (the default dtype of training)."""
     model = make_model("ansatz")
     x = points(backend)
     for kind in ("lowrank-pending", "full"):
         params = model.init(key(0), backend)
         sampler, state, params, directions = sampler_setup(backend, kind, params)
-        hook = sampler.hook(state, directions, [2], [0.5])
-        out = host(backend, model.apply(params, x, linear=hook))
+        perturbed = with_layer_map(model, sampler.layer_map(state, directions, [2], [0.5]))
+        out = host(backend, perturbed.apply(params, x))
         dense = dense_params(backend, sampler, state, directions, params, 2, 0.5)
         ref = host(backend, model.apply(dense, x))
         assert out.dtype == np.float32
@@ -395,8 +395,9 @@ def test_merge_every_refresh_equals_merge_every_step(backend):
         s_eager, p_eager = eager.apply(
             s_eager, p_eager, d_eager, random_updates(b, eager, d_eager, 100 + step)
         )
-        assert eager.evaluation_hook(s_eager, p_eager) is None
-        out_lazy = host(b, model.apply(p_lazy, x, linear=lazy.evaluation_hook(s_lazy, p_lazy)))
+        assert eager.evaluation_layer_map(s_eager, p_eager) is None
+        current = with_layer_map(model, lazy.evaluation_layer_map(s_lazy, p_lazy))
+        out_lazy = host(b, current.apply(p_lazy, x))
         out_eager = host(b, model.apply(p_eager, x))
         assert_close(out_lazy, out_eager, RTOL64)
     # The last step (7) left a pending update: the lazy weights lag until merged.
@@ -408,8 +409,9 @@ def test_merge_every_refresh_equals_merge_every_step(backend):
         assert_close(a["W"], e["W"], RTOL64)
         assert_close(a["b"], e["b"], RTOL64)
     assert_close(host(b, model.apply(p_lazy, x)), host(b, model.apply(p_eager, x)), RTOL64)
-    # After the merge the evaluation hook is the plain network.
-    out = host(b, model.apply(p_lazy, x, linear=lazy.evaluation_hook(s_lazy, p_lazy)))
+    # After the merge the evaluation layer map is the plain network.
+    current = with_layer_map(model, lazy.evaluation_layer_map(s_lazy, p_lazy))
+    out = host(b, current.apply(p_lazy, x))
     assert_close(out, host(b, model.apply(p_lazy, x)), RTOL64)
 
 
@@ -606,9 +608,9 @@ def test_samplers_reject_bad_queries(backend, sampler):
             sampler.draw(state, params, key(2), q)
     directions = sampler.draw(state, params, key(2), 2)
     with pytest.raises(ValueError, match=r"query_index and scales must both have shape \(Q,\)"):
-        sampler.hook(state, directions, [0, 1], [0.1])
+        sampler.layer_map(state, directions, [0, 1], [0.1])
     with pytest.raises(ValueError, match=r"query_index and scales must both have shape \(Q,\)"):
-        sampler.hook(state, directions, [0], [0.1, -0.1])
+        sampler.layer_map(state, directions, [0], [0.1, -0.1])
 
 
 def test_lowrank_state_is_a_namedtuple(backend):
@@ -622,16 +624,16 @@ def test_lowrank_state_is_a_namedtuple(backend):
         np.testing.assert_array_equal(host(backend, A), np.zeros((r, r)))
 
 
-def test_hook_query_errors(backend):
+def test_layer_map_query_errors(backend):
     b = f64(backend)
     params = MLP(SIZES).init(key(0), b)
     sampler = LowRankSubspace(rank=3)
     state = sampler.init(key(1), params)
     directions = sampler.draw(state, params, key(2), 2)
     with pytest.raises(ValueError, match="needs scales"):
-        sampler.hook(state, directions, [0], None)
+        sampler.layer_map(state, directions, [0], None)
     with pytest.raises(ValueError, match=r"must lie in range\(2\)"):
-        sampler.hook(state, directions, [0, 2], [1e-3, 1e-3])
+        sampler.layer_map(state, directions, [0, 2], [1e-3, 1e-3])
 
 
 # -- one layer per query, residual-aligned input bases -----------------------------------------

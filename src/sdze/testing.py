@@ -21,7 +21,7 @@ import os
 
 import pytest
 
-from sdze_core.models import default_linear
+from sdze_core.models import PLAIN_LAYERS
 from sdze_core.registry import BackendNotAvailableError, known_backends, make_backend
 
 _cache: dict = {}
@@ -109,18 +109,18 @@ def xp(backend):
     return backend.xp
 
 
-class SpyLinear:
-    """A ``linear`` hook for ``model.jet``/``apply`` that records its calls and
-    otherwise changes nothing: lets a test see which layer maps (and which
-    column gathers) a computation performs."""
+class SpyLayers:
+    """A :class:`~sdze_core.models.LayerMap` that records its calls and otherwise
+    changes nothing: a model given it (``with_layer_map(model, spy)``) lets a
+    test see which layer maps (and which column gathers) a computation performs."""
 
     def __init__(self):
         self.calls, self.column_calls = [], []
 
-    def __call__(self, layer, p, x, is_primal):
+    def affine(self, layer, p, x, is_primal):
         self.calls.append((layer, is_primal, tuple(x.shape)))
-        return default_linear(layer, p, x, is_primal)
+        return PLAIN_LAYERS.affine(layer, p, x, is_primal)
 
     def columns(self, layer, p, index):
         self.column_calls.append((layer, tuple(index.shape)))
-        return default_linear.columns(layer, p, index)
+        return PLAIN_LAYERS.columns(layer, p, index)

@@ -34,8 +34,11 @@ of the forward x Wᵀ, plus V gathered columns. ζ is regenerated from its key
 when the update is formed (seed replay); nothing P-sized is allocated besides
 the parameters (and the optimizer's moments when an optimizer keeps them).
 
-The perturbation is owned by a model wrapper (:class:`ActivityPerturbedNetwork`):
-oracles and losses evaluate it like any network, with no hook.
+The perturbation is owned by a model wrapper (:class:`ActivityPerturbedNetwork`),
+put into the loss's model with :func:`~sdze_core.models.with_network` and the
+model into the loss with :func:`~sdze_core.objectives.with_model`, as the
+subspace perturber does with its layer map (docs/sdze.md, "The perturbation
+belongs to the model"): oracles and losses evaluate it like any network.
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ from array_api_compat import array_namespace
 
 from . import jets
 from .keys import Key, fold_in
+from .models import with_network
+from .objectives import model_of, with_model
 from .perturbers import _COMPLEX_STEP, ESTIMATORS, NonFiniteLossError, _dtype_name, default_eps
 from .perturbers import NonFiniteUpdateError as _EngineUpdateError
 from .registry import backend_of
@@ -183,9 +188,9 @@ class ActivityPerturbedNetwork:
     def num_queries(self) -> int:
         return 1 + len(self.scales) * len(self.layers)
 
-    def apply(self, params, x, linear=None):
+    def apply(self, params, x):
         """The unperturbed output (used only for evaluation)."""
-        return self.network.apply(params, x, linear)
+        return self.network.apply(params, x)
 
     def _forward(self, params, h: jets.Jet, start: int) -> jets.Jet:
         """Layers start .. L−1 applied to the pre-activation jet of layer start − 1."""
@@ -194,10 +199,8 @@ class ActivityPerturbedNetwork:
             h = _affine(jets.elementwise(h, act), params[layer]["W"], params[layer]["b"])
         return h
 
-    def jet(self, params, x, directions, order: int, collapse: bool = False, linear=None):
+    def jet(self, params, x, directions, order: int, collapse: bool = False):
         """The jets of the unperturbed and the perturbed networks (see the class docstring)."""
-        if linear is not None:
-            raise TypeError("an activity-perturbed network takes no linear hook")
         net = self.network
         net._check(params, x)
         xp = array_namespace(x)
@@ -649,30 +652,29 @@ class ActivityStepInfo(NamedTuple):
     g: Any
 
 
-def _per_point_losses(loss, params, xi, model):
-    """ℓ_b for every query: (Q, B), from the loss's residuals with ``model``."""
+def _loss_model(loss):
+    """The loss's model, once the loss is known to give per-point residuals of another model."""
     if not hasattr(loss, "residuals") or not dataclasses.is_dataclass(loss):
         raise TypeError(
             "activity perturbation needs per-point residuals: the loss must be a "
             "ResidualLoss-like dataclass with a `model` field and a `residuals` method, "
             f"got {type(loss).__name__}"
         )
-    r = dataclasses.replace(loss, model=model).residuals(params, xi)
+    return model_of(loss, "activity perturbation")
+
+
+def _per_point_losses(loss, params, xi, model):
+    """ℓ_b for every query: (Q, B), from the loss's residuals with ``model``."""
+    r = with_model(loss, model, "activity perturbation").residuals(params, xi)
     return r[0] * r[1] if len(r) == 2 else r[0] * r[0]
 
 
 def _perturbed_model(model, wrapper_args):
     """The model with its network replaced by the activity-perturbed one."""
-    from .models import MLP
-
-    if isinstance(model, MLP):
-        return ActivityPerturbedNetwork(model, *wrapper_args)
-    network = getattr(model, "network", None)
-    if isinstance(network, MLP) and dataclasses.is_dataclass(model):
-        return dataclasses.replace(model, network=ActivityPerturbedNetwork(network, *wrapper_args))
-    raise TypeError(
-        "activity perturbation needs an MLP or a model dataclass with an MLP `network` "
-        f"field (such as Ansatz), got {type(model).__name__}"
+    return with_network(
+        model,
+        lambda network: ActivityPerturbedNetwork(network, *wrapper_args),
+        "activity perturbation",
     )
 
 
@@ -737,6 +739,7 @@ class ActivityPerturbation:
         """``(grads, loss_value, losses)``: per layer a :class:`LayerGradient` (``None``
         when a loss is not finite), the unperturbed loss ℓ(θ; ξ) and the per-point
         losses (Q, N) of the last query round (query 0 unperturbed)."""
+        plain = _loss_model(loss)
         layers = tuple(range(len(params))) if self.layers is None else tuple(self.layers)
         scales, size = self._scales(params)
         if self.crns:
@@ -749,11 +752,11 @@ class ActivityPerturbation:
         for query in range(self.num_queries):
             network_key = fold_in(param_key, query)
             if self.crns:
-                model = _perturbed_model(loss.model, (network_key, scales, layers))
+                model = _perturbed_model(plain, (network_key, scales, layers))
                 losses = _per_point_losses(loss, params, xi, model)
             else:
-                model = _perturbed_model(loss.model, (network_key, scales[:1], layers))
-                minus = _perturbed_model(loss.model, (network_key, scales[1:], layers))
+                model = _perturbed_model(plain, (network_key, scales[:1], layers))
+                minus = _perturbed_model(plain, (network_key, scales[1:], layers))
                 plus_losses = _per_point_losses(loss, params, xi, model)
                 minus_losses = _per_point_losses(loss, params, xi_minus, minus)
                 losses = _interleave(plus_losses, minus_losses)
@@ -821,9 +824,9 @@ class ActivityPerturbation:
         """Nothing is pending: ``(state, params)``."""
         return state, params
 
-    def hook(self, params, state):
-        """The plain network evaluates the current parameters: ``None``."""
-        return None
+    def evaluation_model(self, model, params, state):
+        """The model of the current network: ``model`` itself (nothing is pending)."""
+        return model
 
 
 def _interleave(plus, minus):

@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 from array_api_compat import array_namespace
 
 from .keys import Key, fold_in
+from .models import with_layer_map
 from .optimizers import Optimizer, zo_sgd
 from .perturbers import CRNSPerturber, NonFiniteLossError, NonFiniteUpdateError
 from .registry import backend_of
@@ -110,6 +111,7 @@ class SDZE:
     >>> state = engine.init(key, params)
     >>> for _ in range(1000):
     ...     params, state, info = engine.step(loss, params, state)
+    >>> u = engine.evaluation_model(model, params, state).apply(params, x)  # unmerged
     >>> state, params = engine.merge(params, state)   # fold pending updates into W
     """
 
@@ -200,6 +202,15 @@ class SDZE:
         sampler_state, params = self.sampler.merge(state.sampler, params)
         return state._replace(sampler=sampler_state), params
 
-    def hook(self, params, state: SDZEState):
-        """A linear hook evaluating the current network without merging (for evaluation)."""
-        return self.sampler.evaluation_hook(state.sampler, params)
+    def evaluation_model(self, model, params, state: SDZEState):
+        """The model of the current network, pending low-rank update included, unmerged.
+
+        ``model`` itself when nothing is pending; otherwise ``model`` with the
+        sampler's evaluation layer map W x + U (A (Vᵀ x))
+        (:func:`~sdze_core.models.with_layer_map`). For test errors and the
+        loss of the network a checkpoint saves, without touching W.
+        """
+        layers = self.sampler.evaluation_layer_map(state.sampler, params)
+        if layers is None:
+            return model
+        return with_layer_map(model, layers, "evaluating SDZE's unmerged network")

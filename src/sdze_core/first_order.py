@@ -11,7 +11,7 @@ uses it directly. One step t, with the run's key k::
     θ ← adam(θ, ∇ℓ, t)
 
 :class:`FirstOrderAdam` has the interface of :class:`~sdze_core.engine.SDZE`
-(``init``, ``step_keys``, ``step``, ``merge``, ``hook``), so a trainer runs
+(``init``, ``step_keys``, ``step``, ``merge``, ``evaluation_model``), so a trainer runs
 either; for the same seed both see the same collocation points and oracle
 draws at every step. It needs a backend with autodiff (PyTorch, JAX).
 """
@@ -203,6 +203,6 @@ class FirstOrderAdam:
         """``(state, params)`` unchanged: there is no pending update to fold in."""
         return state, params
 
-    def hook(self, params, state: FirstOrderState):
-        """``None``: the current network is the plain one (for evaluation)."""
-        return None
+    def evaluation_model(self, model, params, state: FirstOrderState):
+        """``model`` itself: the current network is the plain one (for evaluation)."""
+        return model

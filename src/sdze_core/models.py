@@ -4,37 +4,38 @@ Parameters are plain data: a list with one dict ``{"W": (out, in), "b": (out,)}`
 per layer, arrays of the backend. Every model offers
 
 * ``init(key, backend)``: parameters drawn from a :class:`~sdze_core.keys.Key`;
-* ``apply(params, x, linear=None)``: the output for points x of shape (B, d);
-* ``jet(params, x, directions, order, collapse=False, linear=None)``: the
-  Taylor jet of the output along directions (docs/method.md#jets), from which the
+* ``apply(params, x)``: the output for points x of shape (B, d);
+* ``jet(params, x, directions, order, collapse=False)``: the Taylor jet of
+  the output along directions (docs/method.md#jets), from which the
   estimators of docs/method.md#oracles are built.
 
 ``directions`` is either an integer index array j of shape (V,) (coordinate
 directions e_j: the first layer gathers W[:, j], O(h V) work whatever d is) or
 a float array of shape (V, d) or (V, B, d) (dense directions).
 
-The ``linear`` hook replaces each layer's affine map, so that perturbed
-weights never have to be formed. It is called as
-``linear(layer_index, layer_params, x, is_primal)`` and must return
-``x (W + ΔW)ᵀ + b`` when ``is_primal`` and ``x (W + ΔW)ᵀ`` otherwise, for x with
-any leading axes (jet coefficients carry direction axes). The SDZE engine
-passes one that adds ε c U (S (Vᵀ x)) to the default x Wᵀ (docs/method.md#subspace-perturbations),
-for all its perturbed copies at once: the first layer's hook returns a new
-leading query axis (B, d) -> (Q, B, h) (after any direction axes), which the
-later layers, the output (Q, B) and the ansatz carry along.
-Along coordinate directions the first layer needs W[:, j] rather than a
-product with e_j, so a hook used there must also have a method
-``columns(layer_index, layer_params, index)`` returning the (out, V) columns
-(W + ΔW)[:, index].
+The perturbation belongs to the model (docs/sdze.md, "The perturbation
+belongs to the model"). An MLP computes each layer's affine map through a
+:class:`LayerMap`: :class:`PlainLayers` (x Wᵀ + b) for the network itself,
+another map for a :class:`LayerMapNetwork`, so that perturbed weights never
+have to be formed.
+The SDZE sampler's map adds ε c U (S (Vᵀ x)) to x Wᵀ
+(docs/method.md#subspace-perturbations) for all its perturbed copies at once:
+the first layer returns a new leading query axis (B, d) -> (Q, B, h) (after
+any direction axes), which the later layers, the output (Q, B) and the
+ansatz carry along. :func:`with_layer_map` (or :func:`with_network` for any
+other wrapper) puts the map into a model, an MLP or a model dataclass with an
+MLP ``network`` field such as :class:`Ansatz`: oracles and losses then
+evaluate the perturbed model like any other, with no extra argument.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from math import sqrt
-from typing import Any
+from typing import Any, Protocol
 
 from array_api_compat import array_namespace
 
@@ -43,27 +44,57 @@ from .keys import Key, fold_in
 from .registry import check_one_library
 
 __all__ = [
-    "MLP", "Ansatz", "conform", "conform_to", "default_linear", "default_columns", "BOUNDARIES",
+    "MLP",
+    "Ansatz",
+    "LayerMap",
+    "PlainLayers",
+    "PLAIN_LAYERS",
+    "LayerMapNetwork",
+    "with_network",
+    "with_layer_map",
+    "conform",
+    "conform_to",
+    "BOUNDARIES",
 ]
 
 Params = list[dict[str, Any]]
-LinearHook = Callable[[int, dict, Any, bool], Any]
 
 
-def default_linear(layer_index: int, layer_params: dict, x, is_primal: bool):
-    """The unperturbed affine map: x Wᵀ + b if ``is_primal`` else x Wᵀ."""
-    y = x @ layer_params["W"].T
-    return y + layer_params["b"] if is_primal else y
+class LayerMap(Protocol):
+    """Each layer's affine map, as an :class:`MLP` applies it (see the module docstring).
+
+    A map that perturbs the weights to W + ΔW (and the bias to b + δb)
+    computes the products without forming W + ΔW.
+    """
+
+    def affine(self, layer_index: int, layer_params: dict, x, is_primal: bool):
+        """x (W + ΔW)ᵀ + (b + δb) if ``is_primal``, else x (W + ΔW)ᵀ (a jet coefficient).
+
+        ``x`` has any leading axes (jet coefficients carry direction axes); a
+        map may add a leading query axis at the first layer (Q perturbed copies).
+        """
+
+    def columns(self, layer_index: int, layer_params: dict, index):
+        """(W + ΔW)[:, index], shape (out, V) (or (Q, out, V)): the first layer's
+        jet tangents along the coordinate directions e_j, j = ``index``, by a gather."""
 
 
-def default_columns(layer_index: int, layer_params: dict, index):
-    """The unperturbed first-layer columns W[:, index], shape (out, V), by a gather."""
-    W = layer_params["W"]
-    return array_namespace(W).take(W, index, axis=1)
+class PlainLayers:
+    """The unperturbed :class:`LayerMap`: x Wᵀ + b, and columns W[:, index] by a gather."""
+
+    def affine(self, layer_index: int, layer_params: dict, x, is_primal: bool):
+        """x Wᵀ + b if ``is_primal`` else x Wᵀ."""
+        y = x @ layer_params["W"].T
+        return y + layer_params["b"] if is_primal else y
+
+    def columns(self, layer_index: int, layer_params: dict, index):
+        """W[:, index], shape (out, V)."""
+        W = layer_params["W"]
+        return array_namespace(W).take(W, index, axis=1)
 
 
-# The default hook also serves coordinate directions (see the module docstring).
-default_linear.columns = default_columns
+#: The plain network's layer map (what :meth:`MLP.apply` and :meth:`MLP.jet` use).
+PLAIN_LAYERS = PlainLayers()
 
 
 def _is_index_array(directions) -> bool:
@@ -186,27 +217,11 @@ class MLP:
     def _squeeze(self, y):
         return y[..., 0] if self.sizes[-1] == 1 else y
 
-    def apply(self, params: Params, x, linear: LinearHook | None = None):
+    def apply(self, params: Params, x):
         """Network output for x of shape (B, d): shape (B,) (or (B, out) if out > 1)."""
-        self._check(params, x)
-        x, _ = conform(params, x)
-        linear = linear or default_linear
-        h = x
-        for layer, p in enumerate(params):
-            h = linear(layer, p, h, True)
-            if layer < self.num_layers - 1:
-                h = jets.derivatives(self.activation, h, 0)[0]
-        return self._squeeze(h)
+        return self._apply(params, x, PLAIN_LAYERS)
 
-    def jet(
-        self,
-        params: Params,
-        x,
-        directions,
-        order: int,
-        collapse: bool = False,
-        linear: LinearHook | None = None,
-    ) -> jets.Jet:
+    def jet(self, params: Params, x, directions, order: int, collapse: bool = False) -> jets.Jet:
         """Jet of the output along x(t) = x + t v for each direction v (docs/method.md#jets).
 
         Parameters
@@ -224,8 +239,6 @@ class MLP:
         collapse : bool
             Propagate the top coefficient already summed over the V directions
             (returns a :class:`~sdze_core.jets.CollapsedJet`).
-        linear : callable, optional
-            Replacement for each layer's affine map (see the module docstring).
 
         Returns
         -------
@@ -233,27 +246,123 @@ class MLP:
             primal (B,), coefficients f_k = D^k u(x)[v, ..., v] of shape (V, B)
             (the collapsed top: shape (B,), Σ_v f_K[v]).
         """
+        return self._jet(params, x, directions, order, collapse, PLAIN_LAYERS)
+
+    def _apply(self, params: Params, x, layers: LayerMap):
+        """:meth:`apply` with each layer's affine map from ``layers``."""
+        self._check(params, x)
+        x, _ = conform(params, x)
+        h = x
+        for layer, p in enumerate(params):
+            h = layers.affine(layer, p, h, True)
+            if layer < self.num_layers - 1:
+                h = jets.derivatives(self.activation, h, 0)[0]
+        return self._squeeze(h)
+
+    def _jet(
+        self, params: Params, x, directions, order: int, collapse: bool, layers: LayerMap
+    ) -> jets.Jet:
+        """:meth:`jet` with each layer's affine map (and the first layer's columns) from
+        ``layers``."""
         self._check(params, x)
         x, directions = conform(params, x, directions)
-        linear = linear or default_linear
         if _is_index_array(directions):
-            columns = getattr(linear, "columns", None)
+            columns = getattr(layers, "columns", None)
             if columns is None:
                 raise TypeError(
-                    "a linear hook used with coordinate directions needs a "
+                    "a layer map used with coordinate directions needs a "
                     "columns(layer_index, layer_params, index) method giving (out, V) columns"
                 )
             first = params[0]
             h = jets.coordinate_jet(
-                linear(0, first, x, True), columns(0, first, directions), order, collapse
+                layers.affine(0, first, x, True), columns(0, first, directions), order, collapse
             )
         else:
             h = jets.input_jet(x, directions, order, collapse)
-            h = jets.linear_map(h, partial(linear, 0, params[0]))
+            h = jets.linear_map(h, partial(layers.affine, 0, params[0]))
         for layer in range(1, self.num_layers):
             h = jets.elementwise(h, self.activation)
-            h = jets.linear_map(h, partial(linear, layer, params[layer]))
+            h = jets.linear_map(h, partial(layers.affine, layer, params[layer]))
         return jets.linear_map(h, lambda y, is_primal: self._squeeze(y))
+
+
+@dataclass(frozen=True, eq=False)
+class LayerMapNetwork:
+    """An :class:`MLP` whose affine maps are ``layer_map``'s: a model-owned perturbation.
+
+    It evaluates like the network itself (``init``, ``apply``, ``jet``), with
+    the outputs of ``layer_map``'s network: with a map that adds a query axis
+    (the SDZE sampler's), shape (Q, B) instead of (B,). Build one into a model
+    with :func:`with_layer_map`.
+
+    Parameters
+    ----------
+    network : MLP
+    layer_map : LayerMap
+    """
+
+    network: MLP
+    layer_map: LayerMap
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return self.network.sizes
+
+    @property
+    def num_layers(self) -> int:
+        return self.network.num_layers
+
+    @property
+    def activation(self) -> str:
+        return self.network.activation
+
+    def init(self, key: Key, backend) -> Params:
+        """The network's parameters (:meth:`MLP.init`)."""
+        return self.network.init(key, backend)
+
+    def apply(self, params: Params, x):
+        """The output of the mapped network (:meth:`MLP.apply`)."""
+        return self.network._apply(params, x, self.layer_map)
+
+    def jet(self, params: Params, x, directions, order: int, collapse: bool = False) -> jets.Jet:
+        """The jet of the mapped network; arguments as :meth:`MLP.jet`."""
+        return self.network._jet(params, x, directions, order, collapse, self.layer_map)
+
+
+def with_network(model, wrap: Callable[[MLP], Any], purpose: str = "a network wrapper"):
+    """``model`` with its network N replaced by ``wrap(N)``: how a perturbation enters a model.
+
+    Parameters
+    ----------
+    model : MLP or model dataclass
+        An :class:`MLP` (the result is ``wrap(model)``) or a dataclass whose
+        ``network`` field is one, such as :class:`Ansatz` (the result is
+        ``dataclasses.replace(model, network=wrap(model.network))``).
+    wrap : callable
+        ``wrap(network)`` -> the network to use instead.
+    purpose : str
+        What needs the replacement, for the error message.
+
+    Raises
+    ------
+    TypeError
+        If ``model`` is neither.
+    """
+    if isinstance(model, MLP):
+        return wrap(model)
+    network = getattr(model, "network", None)
+    if isinstance(network, MLP) and dataclasses.is_dataclass(model):
+        return dataclasses.replace(model, network=wrap(network))
+    raise TypeError(
+        f"{purpose} needs an MLP or a model dataclass with an MLP `network` field "
+        f"(such as Ansatz), got {type(model).__name__}"
+    )
+
+
+def with_layer_map(model, layer_map: LayerMap, purpose: str = "a layer map"):
+    """``model`` whose network applies ``layer_map`` (a :class:`LayerMapNetwork`), by
+    :func:`with_network`."""
+    return with_network(model, partial(LayerMapNetwork, layer_map=layer_map), purpose)
 
 
 #: Boundary factors g(x) of :class:`Ansatz`, vanishing on the domain's boundary.
@@ -274,7 +383,8 @@ class Ansatz:
     Parameters
     ----------
     network : MLP
-        N, with a scalar output (last size 1).
+        N, with a scalar output (last size 1) (or a wrapper of one, such as a
+        :class:`LayerMapNetwork`).
     boundary : {"ball", "annulus"}
     """
 
@@ -297,32 +407,24 @@ class Ansatz:
             return one_minus
         return jets.mul(one_minus, jets.shift(jets.scale(norm2, -1.0), 4.0))
 
-    def apply(self, params: Params, x, linear: LinearHook | None = None):
+    def apply(self, params: Params, x):
         """u(x) = g(x) N(x) for x of shape (B, d); shape (B,)."""
         x, _ = conform(params, x)
         norm2 = jets.rowwise_squared_norm(x)
         g = 1.0 - norm2
         if self.boundary == "annulus":
             g = g * (4.0 - norm2)
-        return g * self.network.apply(params, x, linear)
+        return g * self.network.apply(params, x)
 
-    def jet(
-        self,
-        params: Params,
-        x,
-        directions,
-        order: int,
-        collapse: bool = False,
-        linear: LinearHook | None = None,
-    ) -> jets.Jet:
+    def jet(self, params: Params, x, directions, order: int, collapse: bool = False) -> jets.Jet:
         """Jet of u = g N along each direction; arguments as :meth:`MLP.jet`."""
         x, directions = conform(params, x, directions)
-        net = self.network.jet(params, x, directions, order, collapse, linear)
+        net = self.network.jet(params, x, directions, order, collapse)
         if _is_index_array(directions):
             norm2 = jets.coordinate_squared_norm(x, directions, order)
         else:
             norm2 = jets.squared_norm(jets.input_jet(x, directions, order))
         g = self._boundary_factor(norm2)
-        # A hook may add leading batch axes (the engine's queries): g broadcasts over them.
+        # A perturbed network may add leading batch axes (queries): g broadcasts over them.
         extra = net.primal.ndim - g.primal.ndim
         return jets.mul(jets.insert_batch_axes(g, extra) if extra else g, net)

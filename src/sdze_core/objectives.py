@@ -4,12 +4,18 @@ A zeroth-order step evaluates one loss ℓ(θ; ξ) at many perturbed parameters
 with the same ξ (CRNS, docs/method.md#crns). :class:`ResidualLoss` therefore
 splits the draw of ξ (collocation points and the oracle's directions,
 :meth:`ResidualLoss.sample`) from the evaluation (:meth:`ResidualLoss.__call__`),
-which is deterministic given ξ and accepts a linear hook that evaluates a
-batch of Q perturbed networks at once: the loss then has shape (Q,).
+which is deterministic given ξ.
+
+The perturbation belongs to the model: a trainer evaluates
+``with_model(loss, perturbed_model)``, the same loss with a model whose
+network carries Q perturbed copies (:func:`sdze_core.models.with_layer_map`),
+and the loss then has shape (Q,). Any loss takes part this way if it is a
+dataclass with a ``model`` field that it evaluates.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -18,7 +24,7 @@ from array_api_compat import array_namespace
 
 from .keys import Key, fold_in
 
-__all__ = ["SpatialSample", "ResidualLoss"]
+__all__ = ["SpatialSample", "ResidualLoss", "model_of", "with_model"]
 
 
 class SpatialSample(NamedTuple):
@@ -43,12 +49,13 @@ class ResidualLoss:
     Parameters
     ----------
     model : MLP or Ansatz
-        The network (anything with ``jet``).
+        The network (anything with ``jet``); a trainer replaces it by a
+        perturbed copy (:func:`with_model`).
     oracle : Oracle
         The spatial estimator of L u.
     rhs : callable
         ``rhs(u, x)`` -> F(u, x), shape (B,) (or broadcasting against u of
-        shape (Q, B) when a batched hook is used).
+        shape (Q, B) when the model evaluates Q perturbed copies).
     points : callable
         ``points(key)`` -> collocation points x of shape (B, d), drawn from the key only.
     unbiased : bool
@@ -76,18 +83,60 @@ class ResidualLoss:
         f = None if self.forcing is None else self.forcing(x)
         return SpatialSample(x, draws, f)
 
-    def residuals(self, params, xi: SpatialSample, linear=None) -> tuple:
+    def residuals(self, params, xi: SpatialSample) -> tuple:
         """The residual estimates r̂ (one or two), each of shape (B,) or (Q, B)."""
         out = []
         for draw in xi.oracle:
-            estimate = self.oracle.estimate(self.model, params, xi.x, draw, linear=linear)
+            estimate = self.oracle.estimate(self.model, params, xi.x, draw)
             r = estimate.value - self.rhs(estimate.u, xi.x)
             out.append(r if xi.forcing is None else r - xi.forcing)
         return tuple(out)
 
-    def __call__(self, params, xi: SpatialSample, linear=None):
-        """ℓ(θ; ξ): shape () for a plain evaluation, (Q,) with a batched hook."""
-        r = self.residuals(params, xi, linear)
+    def __call__(self, params, xi: SpatialSample):
+        """ℓ(θ; ξ): shape (), or (Q,) when the model evaluates Q perturbed copies."""
+        r = self.residuals(params, xi)
         xp = array_namespace(r[0])
         product = r[0] * r[1] if self.unbiased else r[0] * r[0]
         return xp.mean(product, axis=-1)
+
+
+def model_of(loss, purpose: str = "evaluating a perturbed model"):
+    """``loss.model``, checking that ``loss`` can evaluate another model (:func:`with_model`).
+
+    Raises
+    ------
+    TypeError
+        If ``loss`` is not a dataclass (instance) with a ``model`` field.
+    """
+    is_instance = dataclasses.is_dataclass(loss) and not isinstance(loss, type)
+    if not is_instance or "model" not in {f.name for f in dataclasses.fields(loss)}:
+        raise TypeError(
+            f"{purpose} needs a loss that is a dataclass with a `model` field (such as "
+            f"ResidualLoss), so that the perturbed model can be put in its place; got "
+            f"{type(loss).__name__}"
+        )
+    return loss.model
+
+
+def with_model(loss, model, purpose: str = "evaluating a perturbed model"):
+    """``loss`` evaluating ``model`` instead of its own: ``dataclasses.replace(loss, model=model)``.
+
+    How a trainer evaluates a perturbed model (docs/sdze.md, "The perturbation
+    belongs to the model"): the loss, its ξ and its oracle are unchanged.
+
+    Parameters
+    ----------
+    loss
+        A dataclass with a ``model`` field, such as :class:`ResidualLoss`.
+    model
+        The model to evaluate.
+    purpose : str
+        What needs the replacement, for the error message.
+
+    Raises
+    ------
+    TypeError
+        If ``loss`` is not a dataclass with a ``model`` field.
+    """
+    model_of(loss, purpose)
+    return dataclasses.replace(loss, model=model)

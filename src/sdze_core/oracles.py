@@ -10,8 +10,12 @@ can draw ξ once per step and reuse it for the +ε and −ε evaluations (CRNS,
 docs/method.md#crns)::
 
     xi = oracle.sample(key, x)                      # directions or indices
-    plus = oracle.estimate(model, params, x, xi, linear=hook_plus)
-    minus = oracle.estimate(model, params, x, xi, linear=hook_minus)
+    plus = oracle.estimate(model_plus, params, x, xi)
+    minus = oracle.estimate(model_minus, params, x, xi)
+
+The perturbation belongs to the model (``model_plus`` is the model with a
+perturbed network, :func:`sdze_core.models.with_layer_map`): an oracle is
+pure maths about u(x) and never sees it.
 
 ``oracle(model, params, x, key)`` does both at once. The same key gives the
 same estimate. One draw of ξ is shared by all points of the batch: each
@@ -106,29 +110,28 @@ class Oracle(ABC):
         """
 
     @abstractmethod
-    def estimate(self, model, params, x, sample, linear=None) -> OperatorEstimate:
+    def estimate(self, model, params, x, sample) -> OperatorEstimate:
         """The estimate of (L u)(x) for the spatial randomness ``sample``.
 
         Parameters
         ----------
         model : MLP or Ansatz
-            Anything with ``jet(params, x, directions, order, collapse, linear)``.
+            Anything with ``jet(params, x, directions, order, collapse)``. A
+            perturbed model (whose outputs carry leading query axes) is
+            evaluated like any other.
         params : list of dict
             The model's parameters.
         x : array, shape (B, d)
             Points.
         sample : Any
             What :meth:`sample` returned for these points.
-        linear : callable, optional
-            Passed through to ``model.jet`` (the perturbation hook of the
-            SDZE engine, see :mod:`sdze_core.models`).
         """
 
-    def __call__(self, model, params, x, key, linear=None) -> OperatorEstimate:
-        """``estimate(model, params, x, sample(key, x), linear)``, x first conformed to the
+    def __call__(self, model, params, x, key) -> OperatorEstimate:
+        """``estimate(model, params, x, sample(key, x))``, x first conformed to the
         parameters (:func:`~sdze_core.models.conform`), so ξ is drawn in their dtype."""
         x, _ = conform(params, x)
-        return self.estimate(model, params, x, self.sample(key, x), linear)
+        return self.estimate(model, params, x, self.sample(key, x))
 
 
 # -- helpers --------------------------------------------------------------------------
@@ -199,9 +202,9 @@ def _dense_tangents(key, x, count: int, distribution: str):
     return draw(key, (count, _dimension(x)))
 
 
-def _diagonal_sum(model, params, x, index, k, collapse, linear):
+def _diagonal_sum(model, params, x, index, k, collapse):
     """(u, Σ_v ∂^k u/∂x_{j_v}^k) from k-jets along the coordinates j = ``index`` (a gather)."""
-    jet = model.jet(params, x, index, k, collapse=collapse, linear=linear)
+    jet = model.jet(params, x, index, k, collapse=collapse)
     return jet.primal, _top_sum(jet)
 
 
@@ -225,7 +228,7 @@ def _decode_pairs(codes, d: int):
     return i, k
 
 
-def _pair_polarization_sum(model, params, x, i, k, collapse, linear):
+def _pair_polarization_sum(model, params, x, i, k, collapse):
     """Σ_p (D⁴u[e_{i_p} + e_{k_p}] + D⁴u[e_{i_p} − e_{k_p}]), shape (B,).
 
     Dense fallback: ``model.jet`` takes coordinate directions (integer
@@ -239,7 +242,7 @@ def _pair_polarization_sum(model, params, x, i, k, collapse, linear):
     e_i = xp.astype(coords == i[:, None], x.dtype)
     e_k = xp.astype(coords == k[:, None], x.dtype)
     directions = xp.concat([e_i + e_k, e_i - e_k], axis=0)
-    jet = model.jet(params, x, directions, 4, collapse=collapse, linear=linear)
+    jet = model.jet(params, x, directions, 4, collapse=collapse)
     return _top_sum(jet)
 
 
@@ -285,9 +288,9 @@ class SparseDiagonal(Oracle):
         """V distinct coordinates j_v, an index array of shape (V,)."""
         return _sample_coordinates(key, x, self.num_directions)
 
-    def estimate(self, model, params, x, sample, linear=None) -> OperatorEstimate:
+    def estimate(self, model, params, x, sample) -> OperatorEstimate:
         d = _dimension(x)
-        u, total = _diagonal_sum(model, params, x, sample, self.k, self.collapse, linear)
+        u, total = _diagonal_sum(model, params, x, sample, self.k, self.collapse)
         return OperatorEstimate(u, (d / sample.shape[0]) * total)
 
 
@@ -321,9 +324,9 @@ class ExactDiagonal(Oracle):
         _dimension(x)
         return None
 
-    def estimate(self, model, params, x, sample=None, linear=None) -> OperatorEstimate:
+    def estimate(self, model, params, x, sample=None) -> OperatorEstimate:
         index = _all_coordinates(x)
-        u, total = _diagonal_sum(model, params, x, index, self.k, self.collapse, linear)
+        u, total = _diagonal_sum(model, params, x, index, self.k, self.collapse)
         return OperatorEstimate(u, total)
 
 
@@ -365,9 +368,9 @@ class SparseLaplacian(_SampledCoordinates):
     order: ClassVar[int] = 2
     collapse: bool = True
 
-    def estimate(self, model, params, x, sample, linear=None) -> OperatorEstimate:
+    def estimate(self, model, params, x, sample) -> OperatorEstimate:
         d = _dimension(x)
-        u, total = _diagonal_sum(model, params, x, sample, 2, self.collapse, linear)
+        u, total = _diagonal_sum(model, params, x, sample, 2, self.collapse)
         return OperatorEstimate(u, (d / sample.shape[0]) * total)
 
 
@@ -384,8 +387,9 @@ class NestedAutodiffLaplacian(_SampledCoordinates):
     as stochastic dimension gradient descent (SDGD, Hu et al.) does. It is the
     baseline of docs/method.md#baselines: the same numbers as the jet oracle, at O(V B d)
     memory and O(V) backward passes instead of O(h V) per point. Autodiff
-    backends only (torch, jax), and only the plain network: an SDZE
-    perturbation hook is refused.
+    backends only (torch, jax), and only a model with one output per point:
+    one that evaluates several networks at once (SDZE's perturbed copies,
+    output (Q, B)) is refused.
 
     Parameters
     ----------
@@ -395,15 +399,22 @@ class NestedAutodiffLaplacian(_SampledCoordinates):
 
     order: ClassVar[int] = 2
 
-    def estimate(self, model, params, x, sample, linear=None) -> OperatorEstimate:
-        if linear is not None:
-            raise TypeError(
-                "NestedAutodiffLaplacian differentiates the plain network; it cannot "
-                "evaluate SDZE's perturbed networks (use SparseLaplacian)"
-            )
+    def estimate(self, model, params, x, sample) -> OperatorEstimate:
         x, _ = conform(params, x)
         xp = array_namespace(x)
-        u, second = backend_of(x).hessian_diagonal(lambda y: model.apply(params, y), x, sample)
+
+        def one_network(y):
+            u = model.apply(params, y)
+            if tuple(u.shape) != (y.shape[0],):
+                raise TypeError(
+                    "NestedAutodiffLaplacian differentiates one network, with one output per "
+                    f"point; this model's output has shape {tuple(u.shape)} for "
+                    f"{y.shape[0]} points (several networks at once, such as SDZE's "
+                    "perturbed copies): use SparseLaplacian"
+                )
+            return u
+
+        u, second = backend_of(x).hessian_diagonal(one_network, x, sample)
         d = _dimension(x)
         return OperatorEstimate(u, (d / sample.shape[0]) * xp.sum(second, axis=0))
 
@@ -426,8 +437,8 @@ class ExactLaplacian(Oracle):
         _dimension(x)
         return None
 
-    def estimate(self, model, params, x, sample=None, linear=None) -> OperatorEstimate:
-        u, total = _diagonal_sum(model, params, x, _all_coordinates(x), 2, self.collapse, linear)
+    def estimate(self, model, params, x, sample=None) -> OperatorEstimate:
+        u, total = _diagonal_sum(model, params, x, _all_coordinates(x), 2, self.collapse)
         return OperatorEstimate(u, total)
 
 
@@ -452,9 +463,9 @@ class _DenseTangentOracle(Oracle):
         """Tangents ξ of shape (V, d), shared by all points."""
         return _dense_tangents(key, x, self.num_directions, self.distribution)
 
-    def estimate(self, model, params, x, sample, linear=None) -> OperatorEstimate:
+    def estimate(self, model, params, x, sample) -> OperatorEstimate:
         _dimension(x)
-        jet = model.jet(params, x, sample, self.order, collapse=self.collapse, linear=linear)
+        jet = model.jet(params, x, sample, self.order, collapse=self.collapse)
         return OperatorEstimate(jet.primal, _top_sum(jet) / (self.moment * sample.shape[0]))
 
 
@@ -577,14 +588,14 @@ class SparseBiharmonic(Oracle):
             )
         return _decode_pairs(backend_of(x).choice(key, _num_pairs(d), self.num_pairs), d)
 
-    def estimate(self, model, params, x, sample, linear=None) -> OperatorEstimate:
+    def estimate(self, model, params, x, sample) -> OperatorEstimate:
         xp = array_namespace(x)
         d = _dimension(x)
         i, k = sample
         P = i.shape[0]
         ends = xp.concat([i, k])
-        u, diagonal = _diagonal_sum(model, params, x, ends, 4, self.collapse, linear)
-        polar = _pair_polarization_sum(model, params, x, i, k, self.collapse, linear)
+        u, diagonal = _diagonal_sum(model, params, x, ends, 4, self.collapse)
+        polar = _pair_polarization_sum(model, params, x, i, k, self.collapse)
         mixed = (polar - 2 * diagonal) / 12  # Σ_p u_{i_p i_p k_p k_p}
         value = ((d / 2) * diagonal + d * (d - 1) * mixed) / P
         return OperatorEstimate(u, value)
@@ -615,14 +626,14 @@ class ExactBiharmonic(Oracle):
         _dimension(x)
         return None
 
-    def estimate(self, model, params, x, sample=None, linear=None) -> OperatorEstimate:
+    def estimate(self, model, params, x, sample=None) -> OperatorEstimate:
         d = _dimension(x)
-        u, S = _diagonal_sum(model, params, x, _all_coordinates(x), 4, self.collapse, linear)
+        u, S = _diagonal_sum(model, params, x, _all_coordinates(x), 4, self.collapse)
         if d == 1:
             return OperatorEstimate(u, S)
         b = backend_of(x)
         i, k = _decode_pairs(b.arange(_num_pairs(d), dtype=b.index_dtype), d)
-        Q = _pair_polarization_sum(model, params, x, i, k, self.collapse, linear)
+        Q = _pair_polarization_sum(model, params, x, i, k, self.collapse)
         return OperatorEstimate(u, S + (Q - 2 * (d - 1) * S) / 6)
 
 
@@ -710,7 +721,7 @@ class TraceOperator(Oracle):
         draw = b.rademacher if self.distribution == "rademacher" else b.normal
         return draw(key, (self.num_directions, int(self.parts[0][0].shape[1])))
 
-    def estimate(self, model, params, x, sample, linear=None) -> OperatorEstimate:
+    def estimate(self, model, params, x, sample) -> OperatorEstimate:
         x, _ = conform(params, x)
         xp = array_namespace(x)
         self._check_points(x)
@@ -722,7 +733,7 @@ class TraceOperator(Oracle):
                 directions, count = xp.permute_dims(factor, (1, 0)), 1
             else:
                 directions, count = sample @ xp.permute_dims(factor, (1, 0)), sample.shape[0]
-            jet = model.jet(params, x, directions, 2, collapse=self.collapse, linear=linear)
+            jet = model.jet(params, x, directions, 2, collapse=self.collapse)
             term = (sign / count) * _top_sum(jet)
             value = term if value is None else value + term
         return OperatorEstimate(jet.primal, value)
@@ -788,10 +799,10 @@ class FirstDerivative(Oracle):
         self._indices(_dimension(x))
         return None
 
-    def estimate(self, model, params, x, sample=None, linear=None) -> OperatorEstimate:
+    def estimate(self, model, params, x, sample=None) -> OperatorEstimate:
         b = backend_of(x)
         indices = self._indices(_dimension(x))
-        jet = model.jet(params, x, b.asarray(indices, dtype=b.index_dtype), 1, linear=linear)
+        jet = model.jet(params, x, b.asarray(indices, dtype=b.index_dtype), 1)
         first = _coefficients(jet, 1, len(indices))
         return OperatorEstimate(jet.primal, first[0, ...] if isinstance(self.index, int) else first)
 
@@ -815,11 +826,11 @@ class SparseGradientNormSquared(_SampledCoordinates):
 
     order: ClassVar[int] = 1
 
-    def estimate(self, model, params, x, sample, linear=None) -> OperatorEstimate:
+    def estimate(self, model, params, x, sample) -> OperatorEstimate:
         xp = array_namespace(x)
         d = _dimension(x)
         V = sample.shape[0]
-        jet = model.jet(params, x, sample, 1, linear=linear)
+        jet = model.jet(params, x, sample, 1)
         first = _coefficients(jet, 1, V)
         return OperatorEstimate(jet.primal, (d / V) * xp.sum(first * first, axis=0))
 
@@ -834,7 +845,6 @@ def residual(
     x,
     key,
     rhs_fn: Callable[[Any, Any], Any],
-    linear=None,
 ):
     """The estimated PDE residual per point, r̂ = L̂u − rhs_fn(u, x) (docs/method.md#oracles).
 
@@ -848,7 +858,7 @@ def residual(
     ----------
     oracle : Oracle
         The estimator of L u.
-    model, params, x, linear
+    model, params, x
         As for :meth:`Oracle.estimate`.
     key : Key
         The oracle's spatial key (the same key gives the same r̂).
@@ -859,7 +869,7 @@ def residual(
     -------
     array, shape (B,)
     """
-    estimate = oracle(model, params, x, key, linear)
+    estimate = oracle(model, params, x, key)
     return estimate.value - rhs_fn(estimate.u, x)
 
 
@@ -871,7 +881,6 @@ def squared_residual_loss(
     key,
     rhs_fn: Callable[[Any, Any], Any],
     unbiased: bool = False,
-    linear=None,
 ):
     """Mean squared residual over the points, plain or unbiased (docs/method.md#oracles).
 
@@ -889,8 +898,8 @@ def squared_residual_loss(
     xp = array_namespace(x)
     if unbiased:
         first, second = split(key)
-        r1 = residual(oracle, model, params, x, first, rhs_fn, linear)
-        r2 = residual(oracle, model, params, x, second, rhs_fn, linear)
+        r1 = residual(oracle, model, params, x, first, rhs_fn)
+        r2 = residual(oracle, model, params, x, second, rhs_fn)
         return xp.mean(r1 * r2)
-    r = residual(oracle, model, params, x, key, rhs_fn, linear)
+    r = residual(oracle, model, params, x, key, rhs_fn)
     return xp.mean(r * r)

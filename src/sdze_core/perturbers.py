@@ -11,9 +11,13 @@ estimate's second moment stays bounded as ε → 0. With ``crns=False`` the two
 sides use independent ξ⁺, ξ⁻ (the naive estimator, kept for the ablation):
 the O(1) difference ℓ(θ; ξ⁺) − ℓ(θ; ξ⁻) makes the second moment grow as ε⁻².
 
-The 2q perturbed evaluations run as one batched forward pass: the sampler's
-hook adds a query axis at the first layer, whose x Wᵀ (and Vᵀx) is computed
-once for all of them.
+The 2q perturbed evaluations run as one batched forward pass: the
+perturbation belongs to the model (docs/sdze.md, "The perturbation belongs to
+the model"). The sampler's layer map, put into the loss's model with
+:func:`~sdze_core.models.with_layer_map` and the model into the loss with
+:func:`~sdze_core.objectives.with_model`, adds a query axis at the first
+layer, whose x Wᵀ (and Vᵀx) is computed once for all of them; the oracle and
+the loss evaluate the perturbed model like any other.
 
 ``estimator="forward"`` is the ε → 0 limit, the forward gradient
 g_i = zᵢᵀ∇ℓ(θ; ξ), computed exactly by carrying the parameter tangent through
@@ -34,6 +38,8 @@ from typing import Any, NamedTuple
 from array_api_compat import array_namespace
 
 from .keys import Key, fold_in
+from .models import with_layer_map
+from .objectives import model_of, with_model
 from .validation import positive_number
 
 __all__ = [
@@ -180,28 +186,42 @@ class CRNSPerturber:
         Parameters
         ----------
         loss : ResidualLoss
-            ``loss.sample(key)`` draws ξ, ``loss(params, ξ, hook)`` evaluates.
+            ``loss.sample(key)`` draws ξ, ``loss(params, ξ)`` evaluates; a
+            dataclass with a ``model`` field (an MLP or a model dataclass with
+            an MLP ``network``, such as Ansatz), which is replaced by the
+            perturbed model (:func:`~sdze_core.objectives.with_model`).
         params : list of dict
             θ.
         sampler, sampler_state, directions
             The sampler, its state and the step's directions (from ``sampler.draw``).
         key : Key
             The step's spatial key: ξ depends on it alone.
+
+        Raises
+        ------
+        TypeError
+            If the loss is not a dataclass with a ``model`` field, or its model
+            has no MLP network to perturb.
         """
         q = self.num_queries
         queries = list(range(q))
+
+        def perturbed(query_index, scales):
+            """The loss of the networks θ + s_k z_{i_k}, one per query k."""
+            layers = sampler.layer_map(sampler_state, directions, query_index, scales)
+            return _perturbed_loss(loss, layers)
+
         if self.estimator == "forward":
             h = _COMPLEX_STEP[_dtype_name(params[0]["W"])]
-            xi = loss.sample(key)
-            hook = sampler.hook(sampler_state, directions, queries, [complex(0.0, h)] * q)
-            values = _batched(loss(params, xi, hook), q)
+            at = perturbed(queries, [complex(0.0, h)] * q)
+            values = _batched(at(params, loss.sample(key)), q)
             xp = array_namespace(values)
             return ZOEstimate(xp.imag(values) / h, xp.mean(xp.real(values)), values)
         eps = self.eps_for(params)
         observation = None
         if self.crns:
+            at = perturbed(queries * 2, [eps] * q + [-eps] * q)
             xi = loss.sample(key)
-            hook = sampler.hook(sampler_state, directions, queries * 2, [eps] * q + [-eps] * q)
             if getattr(sampler, "wants_residuals", False):
                 if not hasattr(loss, "residuals"):
                     raise TypeError(
@@ -209,23 +229,29 @@ class CRNSPerturber:
                         f"with the loss's residuals, and a {type(loss).__name__} has none "
                         "(no .residuals): use a ResidualLoss or residual_aligned=False"
                     )
-                values, observation = _values_and_mean_residual(loss, params, xi, hook)
+                values, observation = _values_and_mean_residual(at, params, xi)
             else:
-                values = loss(params, xi, hook)
+                values = at(params, xi)
             values = _batched(values, 2 * q)
         else:
-            plus = sampler.hook(sampler_state, directions, queries, [eps] * q)
-            minus = sampler.hook(sampler_state, directions, queries, [-eps] * q)
+            plus, minus = perturbed(queries, [eps] * q), perturbed(queries, [-eps] * q)
             xp = array_namespace(params[0]["W"])
             values = xp.concat(
                 [
-                    _batched(loss(params, loss.sample(fold_in(key, "plus")), plus), q),
-                    _batched(loss(params, loss.sample(fold_in(key, "minus")), minus), q),
+                    _batched(plus(params, loss.sample(fold_in(key, "plus"))), q),
+                    _batched(minus(params, loss.sample(fold_in(key, "minus"))), q),
                 ]
             )
         xp = array_namespace(values)
         g = (values[:q] - values[q:]) / (2.0 * eps)
         return ZOEstimate(g, xp.mean(values), values, observation)
+
+
+def _perturbed_loss(loss, layers):
+    """``loss`` evaluating its model with the layer map ``layers`` (every query's copy)."""
+    purpose = "the subspace perturbation (CRNSPerturber)"
+    model = with_layer_map(model_of(loss, purpose), layers, purpose)
+    return with_model(loss, model, purpose)
 
 
 def _batched(values, count: int):
@@ -234,15 +260,15 @@ def _batched(values, count: int):
     if shape != (count,):
         raise ValueError(
             f"the loss returned shape {shape} for a batch of {count} perturbed networks; it "
-            f"must return one loss per network, shape ({count},): pass its third argument "
-            "(the perturbation hook) on to the model as linear=... (see ResidualLoss)"
+            f"must return one loss per network, shape ({count},): evaluate the model in its "
+            "`model` field, which the perturber replaces by the perturbed one (see ResidualLoss)"
         )
     return values
 
 
-def _values_and_mean_residual(loss, params, xi, hook):
-    """The 2q losses (as ``loss(params, xi, hook)`` computes them) and (x, mean residual)."""
-    r = loss.residuals(params, xi, hook)
+def _values_and_mean_residual(loss, params, xi):
+    """The 2q losses (as ``loss(params, xi)`` computes them) and (x, mean residual)."""
+    r = loss.residuals(params, xi)
     xp = array_namespace(r[0])
     product = r[0] * r[1] if len(r) == 2 else r[0] * r[0]
     mean_r = sum(xp.mean(ri, axis=0) for ri in r) / len(r)

@@ -80,14 +80,18 @@ class PDEProblem(Protocol):
 
         An :class:`~sdze_core.models.MLP` of sizes (dim, width × depth, 1), an
         :class:`~sdze_core.models.Ansatz` around one, or a dataclass with an
-        MLP ``network`` field and ``init(key, backend)``, ``apply(params, x,
-        linear=None)`` → (B,) and ``jet(params, x, directions, order,
-        collapse=False, linear=None)`` (what the methods and checkpoints use).
+        MLP ``network`` field and ``init(key, backend)``, ``apply(params, x)``
+        → (B,) and ``jet(params, x, directions, order, collapse=False)`` (what
+        the methods and checkpoints use). The zeroth-order methods perturb it
+        by replacing its network (docs/sdze.md, "The perturbation belongs to
+        the model"), so ``apply`` and ``jet`` broadcast over the leading query
+        axes of a perturbed network's output.
         """
 
     def oracle(self, num_directions: int = 16) -> Any:
         """The estimator of L u: an :class:`~sdze_core.oracles.Oracle` whose
-        ``estimate(...).value`` has shape (B,) (or (Q, B) under a batched hook).
+        ``estimate(...).value`` has shape (B,) (or (Q, B) for a model that
+        carries Q perturbed networks).
 
         Cap ``num_directions`` at the number of directions the operator has
         (e.g. ``SparseLaplacian(min(num_directions, dim))``).

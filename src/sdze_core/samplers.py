@@ -21,7 +21,7 @@ A step uses a sampler through five pure functions (state in, state out):
 
     state, params, transition = sampler.refresh(state, params, step)
     directions = sampler.draw(state, params, param_key, q)
-    hook = sampler.hook(state, directions, query_index, scales)   # linear hook
+    layers = sampler.layer_map(state, directions, query_index, scales)  # a LayerMap
     coords = sampler.project(directions, g)                       # (1/q) Σ g_i z_i
     state, params = sampler.apply(state, params, directions, updates)
 
@@ -53,7 +53,7 @@ __all__ = [
     "LowRankDirections",
     "FullGaussian",
     "FullGaussianDirections",
-    "PerturbedLinear",
+    "PerturbedLayers",
     "add_low_rank",
 ]
 
@@ -184,12 +184,14 @@ class Sampler(ABC):
         """The step's ``num_queries`` perturbation directions, from ``key`` only."""
 
     @abstractmethod
-    def hook(self, state, directions, query_index=None, scales=None) -> PerturbedLinear:
-        """A linear hook evaluating the parameters θ + s_k z_{i_k} for queries k.
+    def layer_map(self, state, directions, query_index=None, scales=None) -> PerturbedLayers:
+        """The :class:`~sdze_core.models.LayerMap` of the parameters θ + s_k z_{i_k}, all
+        queries k at once (a model applies it through
+        :func:`~sdze_core.models.with_layer_map`).
 
         ``query_index`` (Q,) picks the direction of each query and ``scales``
         (Q,) its step s_k (±ε, or i h for a complex-step forward gradient).
-        Without them the hook evaluates the current parameters (those the
+        Without them the map evaluates the current parameters (those the
         state may still hold as a pending low-rank update).
         """
 
@@ -209,8 +211,8 @@ class Sampler(ABC):
         """Fold any pending update into the parameters: ``(state, params)``."""
         return state, params
 
-    def evaluation_hook(self, state, params):
-        """A linear hook for the current network (``None``: the plain layers)."""
+    def evaluation_layer_map(self, state, params):
+        """The layer map of the current network (``None``: the plain layers)."""
         return None
 
     def subspace_dimension(self, params) -> int:
@@ -218,11 +220,12 @@ class Sampler(ABC):
         return sum(int(p["W"].shape[0] * p["W"].shape[1] + p["b"].shape[0]) for p in params)
 
 
-# -- the linear hook --------------------------------------------------------------------------
+# -- the layer map ----------------------------------------------------------------------------
 
 
-class PerturbedLinear:
-    """The linear hook of a sampler: each layer's affine map for all queries at once.
+class PerturbedLayers:
+    """A sampler's :class:`~sdze_core.models.LayerMap`: each layer's affine map for all
+    queries at once.
 
     For layer l with weights (W, b) and Q queries it returns, for input x of
     shape (..., B, n) at the first layer or (..., Q, B, n) after it,
@@ -232,14 +235,15 @@ class PerturbedLinear:
     with Δ_k given by ``low_rank(l)`` as U C_k Vᵀ (C of shape (Q, r, r), or
     (r, r) shared) or by ``dense(l)`` as a (Q, m, n) stack. The first layer's
     x Wᵀ and Vᵀx are computed once and shared by all queries. With no query
-    axis (``num_queries=None``) the hook evaluates a single network.
+    axis (``num_queries=None``) the map evaluates a single network.
     """
 
     def __init__(self, layers, num_queries: int | None):
         self.layers = layers
         self.num_queries = num_queries
 
-    def __call__(self, layer_index: int, layer_params: dict, x, is_primal: bool):
+    def affine(self, layer_index: int, layer_params: dict, x, is_primal: bool):
+        """y_k = x (W + Δ_k)ᵀ (+ b + δ_k if ``is_primal``), shape (..., Q, B, m)."""
         xp = array_namespace(x)
         spec = self.layers[layer_index]
         W = layer_params["W"]
@@ -285,7 +289,7 @@ class PerturbedLinear:
 
 @dataclass
 class _LayerSpec:
-    """What :class:`PerturbedLinear` needs for one layer (all optional)."""
+    """What :class:`PerturbedLayers` needs for one layer (all optional)."""
 
     U: Any = None  # (m, r)
     V: Any = None  # (n, r)
@@ -299,7 +303,7 @@ class _LayerSpec:
 def _query_arrays(directions_like, query_index, scales):
     """Backend arrays of the query index (Q,) and scales (Q,)."""
     if scales is None:
-        raise ValueError("a hook with query_index needs scales (the step s_k of each query)")
+        raise ValueError("a layer map with query_index needs scales (the step s_k of each query)")
     count = directions_like.shape[0]
     if isinstance(query_index, (list, tuple)) and not all(0 <= i < count for i in query_index):
         raise ValueError(f"query_index must lie in range({count}), got {list(query_index)}")
@@ -566,7 +570,7 @@ class LowRankSubspace(Sampler):
             bias[layer] = bias[layer] * xp.reshape(m, (-1, 1))
         return S, bias
 
-    def hook(self, state, directions, query_index=None, scales=None) -> PerturbedLinear:
+    def layer_map(self, state, directions, query_index=None, scales=None) -> PerturbedLayers:
         xp = array_namespace(directions.S[0])
         pending = state.pending
         layers = []
@@ -577,7 +581,7 @@ class LowRankSubspace(Sampler):
                     layers.append(_LayerSpec())
                 else:
                     layers.append(_LayerSpec(U=U, V=V, CT=xp.matrix_transpose(A)))
-            return PerturbedLinear(layers, None)
+            return PerturbedLayers(layers, None)
         index, s = _query_arrays(directions.S[0], query_index, scales)
         s3 = xp.reshape(s, (-1, 1, 1))
         for layer, (U, V) in enumerate(directions.bases):
@@ -590,7 +594,7 @@ class LowRankSubspace(Sampler):
                     U=U, V=V, CT=xp.matrix_transpose(C), bias_delta=xp.expand_dims(db, axis=-2)
                 )
             )
-        return PerturbedLinear(layers, int(index.shape[0]))
+        return PerturbedLayers(layers, int(index.shape[0]))
 
     def zero_coordinates(self, params, num_queries: int) -> list:
         """Per layer {"W": r_l × r_l zeros, "b": m zeros}."""
@@ -647,7 +651,7 @@ class LowRankSubspace(Sampler):
         zeros = tuple(xp.zeros_like(A) for A in state.pending)
         return state._replace(pending=zeros), new_params
 
-    def evaluation_hook(self, state: LowRankState, params):
+    def evaluation_layer_map(self, state: LowRankState, params):
         """W x + U (A (Vᵀ x)) with the pending A: the current network, unmerged."""
         if state.pending is None:
             return None
@@ -656,7 +660,7 @@ class LowRankSubspace(Sampler):
             _LayerSpec(U=U, V=V, CT=xp.matrix_transpose(A))
             for (U, V), A in zip(self.bases(state, params), state.pending, strict=True)
         ]
-        return PerturbedLinear(layers, None)
+        return PerturbedLayers(layers, None)
 
     def subspace_dimension(self, params) -> int:
         """k = Σ_l (r_l² + m_l)."""
@@ -719,9 +723,9 @@ class FullGaussian(Sampler):
             )
         return FullGaussianDirections(key, tuple(W), tuple(bias))
 
-    def hook(self, state, directions, query_index=None, scales=None) -> PerturbedLinear:
+    def layer_map(self, state, directions, query_index=None, scales=None) -> PerturbedLayers:
         if query_index is None:
-            return PerturbedLinear([_LayerSpec() for _ in directions.W], None)
+            return PerturbedLayers([_LayerSpec() for _ in directions.W], None)
         xp = array_namespace(directions.W[0])
         index, s = _query_arrays(directions.W[0], query_index, scales)
         layers = []
@@ -735,7 +739,7 @@ class FullGaussian(Sampler):
                     bias_delta=xp.expand_dims(db, axis=-2),
                 )
             )
-        return PerturbedLinear(layers, int(index.shape[0]))
+        return PerturbedLayers(layers, int(index.shape[0]))
 
     def zero_coordinates(self, params, num_queries: int) -> list:
         """Per layer {"W": q zeros (one weight per regenerated Z_i), "b": m zeros}."""

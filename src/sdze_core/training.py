@@ -1,7 +1,7 @@
 """The training loop: a problem, a model, a loss and a method (SDZE or first-order).
 
 :func:`train` runs steps of any *method* with the interface of
-:class:`~sdze_core.engine.SDZE` (``init``, ``step``, ``hook``; the
+:class:`~sdze_core.engine.SDZE` (``init``, ``step``, ``evaluation_model``; the
 first-order baseline :class:`~sdze_core.first_order.FirstOrderAdam` has the
 same), evaluates the relative errors on a fixed :class:`TestSet` every
 ``eval_every`` steps, and stops early on divergence. Everything the loop
@@ -26,6 +26,7 @@ from typing import Any
 from array_api_compat import array_namespace
 
 from .keys import Key, fold_in
+from .objectives import with_model
 from .perturbers import NonFiniteLossError, NonFiniteUpdateError
 from .validation import SettingError, count, positive_number
 
@@ -121,11 +122,12 @@ class TestSet:
         for start in starts:
             yield self._draw(start, min(start + self.group, self.num_points))
 
-    def errors(self, model, params, hook=None) -> dict[str, float]:
-        """``{"rel_l2": ..., "rel_linf": ...}`` of the model (with an optional linear hook)."""
+    def errors(self, model, params) -> dict[str, float]:
+        """``{"rel_l2": ..., "rel_linf": ...}`` of the model (a method's unmerged
+        network: its ``evaluation_model(model, params, state)``)."""
         sq_err = sq_ref = max_err = max_ref = 0.0
         for x, u_star in self.blocks():
-            u = model.apply(params, x, hook)
+            u = model.apply(params, x)
             xp = array_namespace(u)
             diff = u - u_star
             sq_err += float(xp.sum(diff * diff))
@@ -237,7 +239,8 @@ def train(
     Parameters
     ----------
     method
-        :class:`~sdze_core.engine.SDZE` or anything with its ``step`` / ``hook``.
+        :class:`~sdze_core.engine.SDZE` or anything with its ``step`` /
+        ``evaluation_model``.
     loss : ResidualLoss
     params, state
         Where to start (fresh: ``TrainState(method.init(key, params))``).
@@ -307,7 +310,8 @@ def train(
             record = {"step": done, "loss": state.loss_sum / state.loss_count, "time": clock()}
             paused = time.perf_counter()
             if test is not None:
-                record |= test.errors(model, params, method.hook(params, state.method))
+                current = method.evaluation_model(model, params, state.method)
+                record |= test.errors(current, params)
             start_clock += time.perf_counter() - paused
             state.history.append(record)
             state.loss_sum, state.loss_count = 0.0, 0
@@ -350,4 +354,8 @@ def _blown_up(value: float, state: TrainState, blowup: float) -> str | None:
 def _current_loss(method, loss, params, method_state) -> float:
     """ℓ(θ; ξ) of the current network (pending updates included) on the next step's ξ."""
     spatial, _ = method.step_keys(method_state)
-    return float(loss(params, loss.sample(spatial), method.hook(params, method_state)))
+    model = getattr(loss, "model", None)
+    current = method.evaluation_model(model, params, method_state)
+    if current is not model:  # a pending update: the loss evaluates the method's model
+        loss = with_model(loss, current, "the loss of the network to be saved")
+    return float(loss(params, loss.sample(spatial)))
