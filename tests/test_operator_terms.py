@@ -1,7 +1,7 @@
 """Operator terms (sdze_core.operator_terms): constants, composition and argument errors.
 
 The terms' values against nested autodiff on every backend, and the sampled
-terms' unbiasedness, are in conformance/test_operator_terms.py. Here: the
+terms' unbiasedness, are in conformance/test_operator_terms_guarantees.py. Here: the
 polarization constants against nested ``jax.jvp`` on a smooth function of
 its own (not through sdze's jets), how :class:`LinearCombination` draws and
 adds its terms, and the errors for bad arguments.
