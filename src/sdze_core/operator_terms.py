@@ -44,6 +44,7 @@ __all__ = [
     "GradientNormPower",
     "MixedPartial",
     "LinearCombination",
+    "polarization_weights",
     "MAX_MIXED_ORDER",
 ]
 
