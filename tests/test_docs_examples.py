@@ -67,3 +67,16 @@ def test_domains_page_runs(monkeypatch, capsys):
     namespace = {}
     exec(compile(own, "domains.md:own-domain", "exec"), namespace)
     assert domains.DOMAINS["slab"] is namespace["Slab"]
+
+
+def test_operator_terms_page_runs(monkeypatch, capsys):
+    """operators.md: the HJB sum of terms and the subset Laplacian / mixed partial example
+    (its ``sdze.use`` changes the process default: restored after the test)."""
+    from sdze_core import registry
+
+    monkeypatch.setattr(registry, "_process_default", registry._process_default)
+    (example,) = [b for b in python_blocks("operators.md") if "LinearCombination(" in b]
+    exec(compile(example, "operators.md:operator-terms", "exec"), {})
+    lines = dict(line.split(" ", 1) for line in capsys.readouterr().out.splitlines())
+    assert lines["hjb"] == "(100,) order 2"
+    assert lines["laplacian"] == "(100,) (100,) mixed (100,)"
