@@ -19,7 +19,6 @@ and requires the unbiasedness check to fail.
 """
 
 import pytest
-from test_activity_perturbation import check_unbiased, host, reference_gradient
 
 from sdze_core import activity, loss_terms
 from sdze_core.activity import ActivityPerturbation, activity_sgd
@@ -35,6 +34,7 @@ from sdze_core.loss_terms import (
 )
 from sdze_core.models import MLP
 from sdze_core.oracles import SparseLaplacian
+from test_activity_perturbation import check_unbiased, host, reference_gradient
 
 np = pytest.importorskip("numpy")
 

@@ -3,12 +3,14 @@
 
 Each term owns the sampler of its points and gives one residual per point:
 
-| term | residual r_b | points |
-| --- | --- | --- |
-| :class:`InteriorTerm` | L̂u − F(u, x) − f(x) (:class:`~sdze_core.objectives.ResidualLoss`'s) | ``points(key)`` |
-| :class:`DirichletTerm` | u(x_b) − g(x_b) | ``points(key)`` (e.g. :func:`domain_points` on the boundary) |
-| :class:`TimeSliceTerm` | u(x_b, t_e) − g(x_b, t_e), t_e = t0 or t1 | a :class:`~sdze_core.domains.SpaceTime`'s slice |
-| :class:`DataTerm` | u(x_b) − y_b | given observations, optionally subsampled per step |
+* :class:`InteriorTerm`: r_b = L̂u − F(u, x) − f(x), as
+  :class:`~sdze_core.objectives.ResidualLoss` computes it, on ``points(key)``;
+* :class:`DirichletTerm`: r_b = u(x_b) − g(x_b) on ``points(key)`` (for example
+  :func:`domain_points` on the boundary);
+* :class:`TimeSliceTerm`: r_b = u(x_b, t_e) − g(x_b, t_e) on the slice t_e = t0
+  or t1 of a :class:`~sdze_core.domains.SpaceTime`;
+* :class:`DataTerm`: r_b = u(x_b) − y_b on given observations, optionally
+  subsampled per step.
 
 :class:`WeightedLoss` combines them, ℓ = Σ_j w_j (1/B_j) Σ_b r_{j,b}², and
 exposes per-point residuals scaled so that their plain mean is ℓ: the
