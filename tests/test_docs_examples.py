@@ -80,3 +80,12 @@ def test_operator_terms_page_runs(monkeypatch, capsys):
     lines = dict(line.split(" ", 1) for line in capsys.readouterr().out.splitlines())
     assert lines["hjb"] == "(100,) order 2"
     assert lines["laplacian"] == "(100,) (100,) mixed (100,)"
+
+
+def test_losses_page_runs(capsys):
+    """losses.md: the weighted loss trains with the activity engine (the loss on a fixed ξ
+    falls at least fourfold)."""
+    (example,) = [b for b in python_blocks("losses.md") if "WeightedLoss(" in b]
+    exec(compile(example, "losses.md:example", "exec"), {})
+    lines = dict(line.rsplit(" ", 1) for line in capsys.readouterr().out.splitlines())
+    assert float(lines["loss after"]) < 0.25 * float(lines["loss before"])
