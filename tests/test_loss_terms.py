@@ -143,6 +143,8 @@ def test_bad_arguments_name_themselves(backend):
     g = lambda x: x[:, 0]  # noqa: E731
     with pytest.raises(ValueError, match="DirichletTerm: weight must be .* >= 0, got -1"):
         DirichletTerm(g, lambda k: x, weight=-1.0)
+    with pytest.raises(TypeError, match="InteriorTerm: weight must be a number"):
+        InteriorTerm(None, None, lambda k: x, weight="2")
     with pytest.raises(ValueError, match="DataTerm: weight"):
         DataTerm(x, x[:, 0], weight=float("nan"))
     with pytest.raises(ValueError, match=r"DataTerm: y must have shape \(N,\) = \(5,\)"):

@@ -26,6 +26,7 @@ both engines carry their Q copies through ``jet``, while
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -52,11 +53,12 @@ _PARTS = ("interior", "boundary", "lateral")
 
 def _weight(term: str, value) -> float:
     """``value`` as a float w ≥ 0, or a ValueError naming ``term``'s ``weight``."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{term}: weight must be a number, got {value!r}")
+    value = float(value)
     if not (math.isfinite(value) and value >= 0):
         raise ValueError(f"{term}: weight must be a finite number >= 0, got {value!r}")
-    return float(value)
+    return value
 
 
 def _values(model, params, x):
