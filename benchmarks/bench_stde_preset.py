@@ -13,6 +13,7 @@ Published (A100, JAX, mean over seeds 0-4): 1.89e-2 (d = 100), 7.07e-4 (10^3),
 
     python benchmarks/bench_stde_preset.py --dims 100 1000 10000 --methods first-order
     python benchmarks/bench_stde_preset.py --dims 100 1000 --methods sdze
+    python benchmarks/bench_stde_preset.py --report        # the table of docs/benchmarks.md
 """
 
 from __future__ import annotations
@@ -51,6 +52,20 @@ def run(dim: int, method: str, seed: int, steps: int | None) -> dict:
     }
 
 
+def report(rows: list[dict]) -> str:
+    """Markdown table: per d and method, min-over-evaluations error against the published one."""
+    lines = ["| d | method | min rel. L2 (step) | final rel. L2 | published first-order | "
+             "× published | wall (s) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in sorted(rows, key=lambda r: (r["dim"], r["method"], r["seed"])):
+        published = r["published_first_order"]
+        ratio = f"{r['min_rel_l2'] / published:.2f}" if published else "–"
+        lines.append(
+            f"| {r['dim']} | {r['method']} | {r['min_rel_l2']:.3g} ({r['min_rel_l2_step']}) | "
+            f"{r['final_rel_l2']:.3g} | {published:.3g} | {ratio} | {r['wall_time']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dims", type=int, nargs="+", default=[100, 1000, 10000])
@@ -58,9 +73,13 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--steps", type=int, help="override the preset's 10 000 (smoke runs)")
     parser.add_argument("--out", default=str(OUT))
+    parser.add_argument("--report", action="store_true", help="print the table of --out only")
     args = parser.parse_args(argv)
     out = pathlib.Path(args.out)
     rows = json.loads(out.read_text())["rows"] if out.exists() else []
+    if args.report:
+        print(report(rows))
+        return
     for dim in args.dims:
         for method in args.methods:
             for seed in args.seeds:
