@@ -212,6 +212,15 @@ def test_subspace_engine_accepts_the_loss(backend):
         assert np.isfinite(info.loss) and host(b, info.g).shape == (2,)
 
 
+def test_residual_aligned_subspace_is_refused_with_several_point_sets(backend):
+    """Its basis follows one residual per point; several point sets have no such rows."""
+    b, params, loss = problem(backend)
+    engine = SDZE(CRNSPerturber(num_queries=2),
+                  LowRankSubspace(rank=2, refresh_every=3, residual_aligned=True), zo_adam(1e-2))
+    with pytest.raises(TypeError, match="residual_aligned=True.*use residual_aligned=False"):
+        engine.step(loss, params, engine.init(key(4), params))
+
+
 def test_activity_engine_steps_on_the_loss(backend):
     from sdze_core.activity import ActivityPerturbation, activity_adam
 

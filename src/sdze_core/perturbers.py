@@ -269,7 +269,16 @@ def _batched(values, count: int):
 def _values_and_mean_residual(loss, params, xi):
     """The 2q losses (as ``loss(params, xi)`` computes them) and (x, mean residual)."""
     r = loss.residuals(params, xi)
+    x = getattr(xi, "x", None)
+    if x is None or tuple(r[0].shape[-1:]) != tuple(x.shape[:1]):
+        points = "no single point set (no .x)" if x is None else f"{x.shape[0]} points"
+        raise TypeError(
+            "LowRankSubspace(residual_aligned=True) aligns its basis with one residual per "
+            f"point, and a {type(loss).__name__} gave {r[0].shape[-1]} residuals for "
+            f"{points} (a loss with several point sets, e.g. boundary or data terms): "
+            "use residual_aligned=False"
+        )
     xp = array_namespace(r[0])
     product = r[0] * r[1] if len(r) == 2 else r[0] * r[0]
     mean_r = sum(xp.mean(ri, axis=0) for ri in r) / len(r)
-    return xp.mean(product, axis=-1), (xi.x, mean_r)
+    return xp.mean(product, axis=-1), (x, mean_r)
