@@ -241,8 +241,9 @@ class _RadialDomain(Domain):
         inner, outer = self._radii()
         return (r >= inner - atol) & (r <= outer + atol)
 
+    @abstractmethod
     def _radii(self) -> tuple[float, float]:
-        raise NotImplementedError
+        """(inner, outer) radius: 0 inside a ball."""
 
 
 def _zeros_as_none(profile: list, like) -> list:
