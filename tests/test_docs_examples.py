@@ -14,6 +14,7 @@ DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs"
 RUNNABLE = [
     ("sdze.md", "ActivityPerturbation(activity_adafactor"),
     ("sdze.md", "engine.evaluation_model(run.model"),
+    ("benchmarks.md", 'preset="stde"'),
 ]
 
 
