@@ -53,8 +53,8 @@ from sdze_core.objectives import ResidualLoss
 from sdze_core.optimizers import constant, cosine_decay, linear_decay, zo_adam, zo_sgd
 from sdze_core.oracles import SparseLaplacian
 from sdze_core.perturbers import CRNSPerturber
-from sdze_core.problem_protocol import has_exact, reaction_of
-from sdze_core.problem_registry import canonical_problem, is_builtin, problem_label
+from sdze_core.problem_protocol import has_exact, reaction_of, reference_of
+from sdze_core.problem_registry import canonical_problem, problem_label
 from sdze_core.problems import (
     EQUATIONS,
     PROBLEMS,
@@ -65,7 +65,7 @@ from sdze_core.problems import (
 )
 from sdze_core.registry import get_backend, make_backend, use
 from sdze_core.samplers import FullGaussian, LowRankSubspace
-from sdze_core.training import Divergence, TestSet, TrainState, train
+from sdze_core.training import Divergence, ReferenceSet, TestSet, TestSets, TrainState, train
 from sdze_core.validation import SettingError, count, fraction, positive_number
 
 from ._version import __version__
@@ -157,7 +157,7 @@ class SolverConfig:
         c.problem = canonical_problem(c.problem)
         if c.method not in METHODS:
             raise ValueError(f"unknown method {c.method!r}; known: {', '.join(METHODS)}")
-        benchmark = PROBLEMS[c.problem] if is_builtin(c.problem) else None
+        benchmark = PROBLEMS.get(c.problem)  # a ball or annulus benchmark (problems.Problem)
         arity = SOLUTIONS[benchmark[1]].arity if benchmark else 1
         c.dim = count("dim", c.dim, minimum=arity)
         if c.perturbation is None:
@@ -315,13 +315,13 @@ DEFAULT_SCHEDULE = {m: "linear" if m in AUTODIFF_METHODS else "cosine" for m in 
 DEFAULT_ADAM_B2 = {m: 0.99 if m in AUTODIFF_METHODS else 0.999 for m in METHODS}
 
 
-def _best(history: list) -> dict:
-    """The minimum relative L2 error over the evaluations and its step (STDE's metric)."""
-    errors = [r for r in history if math.isfinite(r.get("rel_l2", math.nan))]
+def _best(history: list, name: str = "rel_l2") -> dict:
+    """The minimum of an error over the evaluations and its step (STDE's metric for rel_l2)."""
+    errors = [r for r in history if math.isfinite(r.get(name, math.nan))]
     if not errors:
-        return {"min_rel_l2": None, "min_rel_l2_step": None}
-    best = min(errors, key=lambda r: r["rel_l2"])
-    return {"min_rel_l2": best["rel_l2"], "min_rel_l2_step": best["step"]}
+        return {f"min_{name}": None, f"min_{name}_step": None}
+    best = min(errors, key=lambda r: r[name])
+    return {f"min_{name}": best[name], f"min_{name}_step": best["step"]}
 
 
 def _schedule(config: SolverConfig):
@@ -335,7 +335,12 @@ def _schedule(config: SolverConfig):
 
 @dataclass
 class Run:
-    """What :func:`build` makes from a config (``test`` is ``None`` without an exact solution)."""
+    """What :func:`build` makes from a config.
+
+    ``test`` is what an evaluation measures: a :class:`TestSet` (an exact
+    solution), a :class:`ReferenceSet` (reference values), both
+    (:class:`TestSets`), or ``None`` (neither).
+    """
 
     config: SolverConfig
     backend: Any
@@ -343,7 +348,7 @@ class Run:
     model: Any
     loss: ResidualLoss
     method: Any
-    test: TestSet | None
+    test: TestSet | ReferenceSet | TestSets | None
 
 
 def build(config: SolverConfig, backend=None) -> Run:
@@ -352,7 +357,7 @@ def build(config: SolverConfig, backend=None) -> Run:
     if backend is None:
         backend = make_backend(config.backend, device=config.device, dtype=config.dtype,
                                rng=config.rng)
-    if is_builtin(config.problem):
+    if config.problem in PROBLEMS:
         problem = make_problem(config.problem, config.dim, seed=config.seed, backend=backend,
                                sampling=config.sampling)
         model = problem.model(config.width, config.depth, config.activation, config.init_scheme)
@@ -424,11 +429,21 @@ def build(config: SolverConfig, backend=None) -> Run:
             residual_aligned=config.residual_aligned,
         )
         method = SDZE(perturber, sampler, zo_adam(_schedule(config), b2=config.adam_b2))
-    test = (
-        TestSet(problem, config.test_points, fold_in(key(config.seed), "test"), backend=backend)
-        if has_exact(problem) else None
-    )
+    test = _test_sets(problem, config, backend)
     return Run(config, backend, problem, model, loss, method, test)
+
+
+def _test_sets(problem, config: SolverConfig, backend):
+    """What each evaluation measures: the exact solution's test points, the reference values."""
+    sets = []
+    if has_exact(problem):
+        sets.append(
+            TestSet(problem, config.test_points, fold_in(key(config.seed), "test"), backend=backend)
+        )
+    reference = reference_of(problem)
+    if reference is not None:
+        sets.append(ReferenceSet(*reference))
+    return None if not sets else sets[0] if len(sets) == 1 else TestSets(*sets)
 
 
 def _model_config(run: Run) -> dict:
@@ -463,7 +478,8 @@ class SolveResult:
         Final relative errors on the test points (``None`` when the problem
         has no exact solution).
     history : list of dict
-        One record per evaluation (step, loss, rel_l2, rel_linf, time).
+        One record per evaluation (step, loss, rel_l2, rel_linf, time; and
+        rel_ref, u_ref for a problem with reference values).
     metrics : dict
         What ``metrics.json`` holds.
     status : str
@@ -486,6 +502,7 @@ class SolveResult:
     out: pathlib.Path | None
     run: Run
     files: list = dataclasses.field(default_factory=list)
+    rel_ref: float | None = None
 
     @property
     def checkpoint(self) -> pathlib.Path | None:
@@ -528,11 +545,12 @@ class _Progress:
 
     def eval(self, record: dict) -> None:
         self.last = time.perf_counter()  # evaluation and checkpoint time is not a step's
-        if "rel_l2" in record:
-            self.postfix["rel_l2"] = f"{record['rel_l2']:.3e}"
+        for name in ("rel_l2", "rel_ref"):
+            if name in record:
+                self.postfix[name] = f"{record[name]:.3e}"
         if self.bar is None:
             errors = "".join(
-                f"  {k} {record[k]:.3e}" for k in ("rel_l2", "rel_linf") if k in record
+                f"  {k} {record[k]:.3e}" for k in ("rel_l2", "rel_linf", "rel_ref") if k in record
             )
             print(
                 f"{self.label} step {record['step']}  loss {record['loss']:.3e}{errors}"
@@ -560,11 +578,12 @@ def _plot(out: pathlib.Path, history: list, title: str) -> list[str]:
     fig.tight_layout()
     fig.savefig(out / "loss.png", dpi=120)
     plt.close(fig)
-    if not (history and "rel_l2" in history[0]):
+    curves = [(name, label) for name, label in ERROR_CURVES if history and name in history[0]]
+    if not curves:
         return ["loss.png"]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.semilogy(steps, [r["rel_l2"] for r in history], marker=".", label="relative L2")
-    ax.semilogy(steps, [r["rel_linf"] for r in history], marker=".", label="relative L∞")
+    for name, label in curves:
+        ax.semilogy(steps, [r[name] for r in history], marker=".", label=label)
     ax.set(xlabel="step", ylabel="error on the test points", title=title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
@@ -572,6 +591,14 @@ def _plot(out: pathlib.Path, history: list, title: str) -> list[str]:
     fig.savefig(out / "error.png", dpi=120)
     plt.close(fig)
     return ["loss.png", "error.png"]
+
+
+#: error.png's curves: the record's key and its label.
+ERROR_CURVES = (
+    ("rel_l2", "relative L2"),
+    ("rel_linf", "relative L∞"),
+    ("rel_ref", "relative error at the reference points"),
+)
 
 
 def _write_json(path: pathlib.Path, data: dict) -> None:
@@ -715,7 +742,8 @@ def _train(run: Run, checkpoint_state, out, quiet: bool, plots: bool) -> SolveRe
         print(divergence.message, file=sys.stderr)
         params, state = _last_good(run, out, result, save, saved_steps)
     _, params = run.method.merge(params, state.method)
-    final = _NO_ERRORS if run.test is None else run.test.errors(run.model, params)
+    final = _NO_ERRORS | ({} if run.test is None else run.test.errors(run.model, params))
+    exact = has_exact(run.problem)
     done = state.step - first_step
     metrics = {
         "config": config.to_json(),
@@ -726,8 +754,9 @@ def _train(run: Run, checkpoint_state, out, quiet: bool, plots: bool) -> SolveRe
         "rel_l2": final["rel_l2"],
         "rel_linf": final["rel_linf"],
         **_best(state.history),
-        "exact_solution": run.test is not None,
-        **({} if run.test is not None else {"errors": NO_EXACT_NOTE}),
+        "exact_solution": exact,
+        **({} if exact else {"errors": NO_EXACT_NOTE}),
+        **_reference_metrics(run, final, state.history),
         "wall_time": state.elapsed,
         "wall_time_this_run": wall,
         "steps_this_run": done,
@@ -745,12 +774,28 @@ def _train(run: Run, checkpoint_state, out, quiet: bool, plots: bool) -> SolveRe
         if plots and state.history:
             files += _plot(out, state.history, label)
     return SolveResult(params, final["rel_l2"], final["rel_linf"], state.history, metrics,
-                       status, out, run, files)
+                       status, out, run, files, final.get("rel_ref"))
 
 
 #: metrics.json's word on a problem without an exact solution (its errors are null).
 NO_EXACT_NOTE = "not measured: the problem has no exact solution (no `exact` member)"
 _NO_ERRORS = {"rel_l2": None, "rel_linf": None}
+
+
+def _reference_metrics(run: Run, final: dict, history: list) -> dict:
+    """metrics.json's reference entries: the points, values, final and best rel_ref (or none)."""
+    test = run.test
+    sets = test.sets if isinstance(test, TestSets) else (test,)
+    reference = next((s for s in sets if isinstance(s, ReferenceSet)), None)
+    if reference is None:
+        return {}
+    return {
+        "reference": {"points": run.backend.to_host(reference.points).tolist(),
+                      "values": reference.values},
+        "rel_ref": final["rel_ref"],
+        "u_ref": final["u_ref"],
+        **_best(history, "rel_ref"),
+    }
 
 
 def _coefficients(run: Run) -> dict:
@@ -805,7 +850,8 @@ def evaluate_checkpoint(path, backend=None, test_points: int | None = None) -> d
     run = build(config)
     if run.test is None:
         raise ValueError(f"{path}: its problem {config.problem!r} has no exact solution (no "
-                         "`exact` member), so there is nothing to evaluate the network against")
+                         "`exact` member) and no reference values (no `reference`), so there "
+                         "is nothing to evaluate the network against")
     saved = load_checkpoint(path, run.backend)
     _, params = run.method.merge(saved.params, saved.state)
     errors = run.test.errors(run.model, params)

@@ -48,6 +48,7 @@ __all__ = [
     "Box",
     "WholeSpace",
     "SpaceTime",
+    "Diffusion",
     "HardConstraint",
     "DOMAINS",
     "register_domain",
@@ -741,6 +742,61 @@ class SpaceTime(Domain):
             raise MissingClosedFormError(f"{self!r}: {exc}") from exc
 
 
+@dataclass(frozen=True)
+class Diffusion(SpaceTime):
+    """R^d × [t0, t1] with points that follow the diffusion of u_t + κΔu from the origin.
+
+    Points (x, t), time last::
+
+        t ~ U[t0, t1),   x | t ~ N(0, 2κ (t − t0) I_d),
+
+    the law of √(2κ) W_{t − t0} for a Brownian motion W started at 0 at t0:
+    the region a terminal-value problem u_t + κΔu + F(u) = 0 needs to be
+    right on to be right at (0, t0) (Feynman–Kac). ``space`` is always
+    :class:`WholeSpace` (its scale is not used); the factor is
+    :class:`SpaceTime`'s, τ(t) = (t1 − t)/(t1 − t0) for the default
+    ``condition="terminal"``.
+
+    Parameters
+    ----------
+    t0, t1 : float
+        The time interval, t0 < t1 (default [0, 1]).
+    condition : {"terminal", "initial"}
+        Where the factor vanishes (default the terminal time t1).
+    diffusivity : float
+        κ > 0 (default 1).
+    """
+
+    space: Domain = WholeSpace()
+    condition: str = "terminal"
+    diffusivity: float = 1.0
+    name: ClassVar[str] = "diffusion"
+
+    def __post_init__(self):
+        if not isinstance(self.space, WholeSpace):
+            raise TypeError(f"Diffusion's space is the whole space R^d, got {self.space!r}")
+        super().__post_init__()
+        object.__setattr__(self, "diffusivity", _positive_float(self.diffusivity, "diffusivity"))
+
+    def _positions(self, backend, key, t, dim):
+        """x = √(2κ (t − t0)) ξ, ξ ~ N(0, I_d) (scaled in place)."""
+        xp = backend.xp
+        x = backend.normal(fold_in(key, "normal"), (t.shape[0], dim))
+        return _scale_rows(x, xp.sqrt(2.0 * self.diffusivity * (t - self.t0)))
+
+    def sample(self, backend, key, num_points, dim):
+        """t ~ U[t0, t1), then x ~ N(0, 2κ (t − t0) I_d): shape (B, d + 1)."""
+        num_points, dim = _sized(num_points, dim)
+        t = self._times(backend, fold_in(key, "time"), num_points)
+        return self._with_time(backend, self._positions(backend, fold_in(key, "space"), t, dim), t)
+
+    def sample_boundary(self, backend, key, num_points, dim):
+        """The condition's slice, t = t0 or t1, with x ~ N(0, 2κ (t − t0) I_d)."""
+        num_points, dim = _sized(num_points, dim)
+        t = backend.xp.full((num_points,), self._end, dtype=backend.dtype, device=backend.device)
+        return self._with_time(backend, self._positions(backend, fold_in(key, "space"), t, dim), t)
+
+
 def _mask_directions(jet: jets.Jet, mask) -> jets.Jet:
     """Multiply each coefficient's direction v (leading axis, size V) by mask[v]."""
     xp = array_namespace(jet.primal)
@@ -896,6 +952,6 @@ def make_domain(name: str, **options) -> Domain:
     return DOMAINS[name](**options)
 
 
-for _cls in (Ball, Annulus, Box, WholeSpace, SpaceTime):
+for _cls in (Ball, Annulus, Box, WholeSpace, SpaceTime, Diffusion):
     register_domain(_cls)
 del _cls

@@ -16,7 +16,15 @@ Optional (:data:`OPTIONAL`), each with the meaning it has when absent:
 * ``forcing(x)``: f(x); absent, f = 0;
 * ``exact(x)``: the exact solution u*(x); absent, no relative errors are
   measured (``metrics.json`` says so and ``error.png`` is not drawn) and
-  ``sdze eval`` has nothing to evaluate against.
+  ``sdze eval`` has nothing to evaluate against;
+* ``reference()``: ``(points, values)``, reference values u_ref of the
+  solution at a few points (shapes (R, dim) and (R,), on the problem's
+  backend), or ``None`` when none is known (e.g. for this dimension);
+  absent or ``None``, nothing is scored against it. With one, every
+  evaluation records ``rel_ref`` = ‖u_θ(p) − u_ref‖₂ / ‖u_ref‖₂ and the
+  values ``u_ref`` = u_θ(p) (:class:`~sdze_core.training.ReferenceSet`):
+  the score of a problem without an exact solution, such as STDE's
+  parabolic problems at (0, 0) (:mod:`sdze_core.parabolic`).
 
 The built-in :class:`~sdze_core.problems.Problem` has every member.
 """
@@ -35,6 +43,7 @@ __all__ = [
     "missing_members",
     "check_problem",
     "has_exact",
+    "reference_of",
     "reaction_of",
 ]
 
@@ -45,6 +54,7 @@ OPTIONAL = {
     "reaction": "F(u, x) = 0",
     "forcing": "f(x) = 0",
     "exact": "no exact solution: no relative errors",
+    "reference": "no reference values: no rel_ref",
 }
 
 
@@ -62,6 +72,7 @@ class PDEProblem(Protocol):
         reaction(u, x) -> F(u, x)   u of shape (B,) or (Q, B), x (B, dim); broadcasting against u
         forcing(x)     -> f(x)      shape (B,), a function of the points only
         exact(x)       -> u*(x)     shape (B,)
+        reference()    -> (points, values) of shapes (R, dim) and (R,), or None
     """
 
     dim: int
@@ -137,6 +148,31 @@ def check_problem(problem: Any, origin: str) -> Any:
 def has_exact(problem: Any) -> bool:
     """Whether ``problem`` has an exact solution ``exact(x)``."""
     return callable(getattr(problem, "exact", None))
+
+
+def reference_of(problem: Any):
+    """``problem.reference()`` checked: ``(points, values)``, or ``None`` without one.
+
+    Raises
+    ------
+    ValueError
+        If the reference is not a pair of arrays of shapes (R, dim) and (R,).
+    """
+    method = getattr(problem, "reference", None)
+    reference = method() if callable(method) else None
+    if reference is None:
+        return None
+    try:
+        points, values = reference
+        ok = tuple(points.shape[1:]) == (problem.dim,) and tuple(values.shape) == (points.shape[0],)
+    except (TypeError, ValueError, AttributeError, IndexError):
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"{type(problem).__name__}.reference() must return None or (points, values) of "
+            f"shapes (R, {problem.dim}) and (R,), got {reference!r}"
+        )
+    return points, values
 
 
 def _no_reaction(u, x):

@@ -58,6 +58,8 @@ __all__ = [
 ]
 
 ENTRY_POINT_GROUP = "sdze.problems"
+#: The modules whose import registers the built-in problems (:func:`_register_builtin`).
+BUILTIN_MODULES = (".problems", ".parabolic")
 
 _FACTORIES: dict[str, Any] = {}  # name -> callable, "module:factory" or an EntryPoint
 _BUILTIN: set[str] = set()
@@ -87,7 +89,8 @@ def _register_builtin(name: str, factory: Callable) -> None:
 def _ensure_loaded() -> None:
     """The built-ins, then the entry points (which never shadow a registered name)."""
     global _entry_points_loaded
-    from . import problems  # noqa: F401  (registers the built-in benchmarks)
+    for module in BUILTIN_MODULES:  # their import registers the built-ins, in this order
+        importlib.import_module(module, __package__)
 
     with _lock:
         if _entry_points_loaded:

@@ -30,7 +30,16 @@ from .objectives import with_model
 from .perturbers import NonFiniteLossError, NonFiniteUpdateError
 from .validation import SettingError, count, positive_number
 
-__all__ = ["TestSet", "TrainState", "TrainResult", "Divergence", "train", "block_points"]
+__all__ = [
+    "TestSet",
+    "ReferenceSet",
+    "TestSets",
+    "TrainState",
+    "TrainResult",
+    "Divergence",
+    "train",
+    "block_points",
+]
 
 #: Most test points per block (each block drawn from fold_in(test key, block index)).
 TEST_BLOCK = 100
@@ -135,6 +144,68 @@ class TestSet:
             max_err = _max(max_err, float(xp.max(xp.abs(diff))))
             max_ref = _max(max_ref, float(xp.max(xp.abs(u_star))))
         return {"rel_l2": math.sqrt(sq_err / sq_ref), "rel_linf": max_err / max_ref}
+
+
+class ReferenceSet:
+    """A problem's reference values u_ref at a few points (its ``reference()``).
+
+    For a problem without an exact solution, scored where a reference value
+    is known (e.g. u(0, 0) of a parabolic problem from multilevel Picard)::
+
+        rel_ref = ‖u_θ(p) − u_ref‖₂ / ‖u_ref‖₂   over the reference points p,
+
+    |u_θ(p) − u_ref| / |u_ref| for one point. :meth:`errors` also returns
+    ``u_ref``, the network's values u_θ(p) (a list of floats).
+
+    Parameters
+    ----------
+    points : array, shape (R, dim)
+        On the problem's backend.
+    values : array, shape (R,)
+        The reference values; their L2 norm must be positive.
+    """
+
+    __test__ = False  # not a pytest class
+
+    def __init__(self, points, values):
+        if points.ndim != 2 or tuple(values.shape) != (points.shape[0],):
+            raise ValueError(
+                "a reference is (points of shape (R, dim), values of shape (R,)), got shapes "
+                f"{tuple(points.shape)} and {tuple(values.shape)}"
+            )
+        self.points = points
+        self.values = _floats(values)
+        self.norm = math.sqrt(sum(v * v for v in self.values))
+        if not (self.norm > 0 and math.isfinite(self.norm)):
+            raise ValueError(f"the reference values must be finite and not all zero, got "
+                             f"{self.values}")
+
+    def errors(self, model, params) -> dict:
+        """``{"rel_ref": ..., "u_ref": [u_θ(p_1), ...]}`` of the model at the reference points."""
+        u = model.apply(params, self.points)
+        values = _floats(u)
+        sq = sum((a - b) ** 2 for a, b in zip(values, self.values, strict=True))
+        return {"rel_ref": math.sqrt(sq) / self.norm, "u_ref": values}
+
+
+def _floats(values) -> list[float]:
+    """A 1-d array as a list of Python floats (indexing: the standard has no iteration)."""
+    return [float(values[i]) for i in range(values.shape[0])]
+
+
+class TestSets:
+    """Several test sets evaluated together: :meth:`errors` merges their records."""
+
+    __test__ = False  # not a pytest class
+
+    def __init__(self, *sets):
+        self.sets = sets
+
+    def errors(self, model, params) -> dict:
+        merged: dict = {}
+        for test in self.sets:
+            merged |= test.errors(model, params)
+        return merged
 
 
 def _max(a: float, b: float) -> float:
