@@ -107,6 +107,7 @@ def _eval(args) -> int:
 
 
 def _add_solve(commands) -> None:
+    from sdze_core.parabolic import PARABOLIC
     from sdze_core.problems import PROBLEMS
 
     from .solver import ESTIMATORS, METHODS, SCHEDULES
@@ -115,13 +116,16 @@ def _add_solve(commands) -> None:
         "solve",
         help="train a PINN for a benchmark problem or your own",
         description="Train a PINN for a PDE and report its error against the exact "
-        "solution. Writes metrics.json, checkpoint.npz, loss.png and error.png into --out.",
+        "solution (or its reference values). Writes metrics.json, checkpoint.npz, loss.png "
+        "and error.png into --out.",
     )
     p.add_argument("problem", nargs="?", metavar="PROBLEM",
-                   help=f"a built-in ({', '.join(PROBLEMS)}), a registered name (sdze list), "
+                   help=f"a built-in ({', '.join([*PROBLEMS, *PARABOLIC])}), a registered name "
+                   "(sdze list), "
                    "or your own factory as MODULE:FACTORY or FILE.py:FACTORY "
                    "(optional with --resume)")
-    p.add_argument("--dim", type=int, help="the dimension d")
+    p.add_argument("--dim", type=int, help="the dimension d (of space, for the *-parabolic "
+                   "problems: their network takes (x, t), d + 1 inputs)")
     p.add_argument("--backend", help="numpy, torch, jax, cupy, ... (default: SDZE_BACKEND, numpy)")
     p.add_argument("--device", help="the backend's device, e.g. cuda:0")
     p.add_argument("--dtype", choices=("float32", "float64"))

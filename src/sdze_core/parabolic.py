@@ -1,4 +1,4 @@
-"""Semilinear parabolic problems with a terminal condition (STDE's, docs/problems.md#parabolic).
+"""Semilinear parabolic problems with a terminal condition (docs/problems.md#parabolic-problems).
 
 On R^d × [0, T], T = 0.3, solved backwards from t = T::
 
@@ -221,7 +221,7 @@ class ParabolicEquation:
     lift: Callable[[jets.Jet, float], jets.Jet] | None = field(default=None, repr=False)
 
 
-#: u(0, 0) at T = 0.3 (docs/problems.md#parabolic; STDE's multilevel-Picard values).
+#: u(0, 0) at T = 0.3 (docs/problems.md#parabolic-problems; STDE's multilevel-Picard values).
 REFERENCE_VALUES = {
     "allen-cahn-parabolic": {10: 0.89060, 100: 1.04510, 1000: 1.09100, 10_000: 1.11402},
     "semilinear-heat-parabolic": {10: 0.47006, 100: 0.31674, 1000: 0.28753, 10_000: 0.28433},
