@@ -269,6 +269,9 @@ def test_cli_solve_writes_the_reference_metric(name, tmp_path, capsys):
     assert metrics["history"] and all("rel_ref" in r for r in metrics["history"])
     assert metrics["config"]["dim"] == 10  # the space dimension; the network has 11 inputs
     assert metrics["exact_solution"] is False and metrics["rel_l2"] is None
+    assert main(["eval", str(out / "checkpoint.npz")]) == 0  # the saved network, scored again
+    report = json.loads(capsys.readouterr().out)
+    assert report["rel_ref"] == pytest.approx(metrics["rel_ref"], rel=1e-5)
 
 
 def test_cli_list_shows_the_parabolic_problems(capsys):
