@@ -15,7 +15,9 @@ writes into its output folder
 * ``metrics.json`` — the config, one record per evaluation (step, mean
   training loss, relative L2 and L∞ errors, wall time), wall time, it/s,
   peak memory, the final errors and the status (errors ``null``, and
-  ``"exact_solution": false``, for a problem without an exact solution);
+  ``"exact_solution": false``, for a problem without an exact solution;
+  ``rel_ref`` and ``u_ref`` per record and in the summary for a problem
+  with reference values, its ``reference()`` member);
 * ``loss.png``, ``error.png`` — the loss and the errors against the step.
 
 Methods (docs/method.md#crns, #subspace-perturbations, #baselines):
