@@ -49,11 +49,10 @@ from sdze_core.activity import ACTIVITY_OPTIMIZERS, ActivityPerturbation
 from sdze_core.engine import SDZE
 from sdze_core.keys import fold_in, key
 from sdze_core.models import INIT_SCHEMES
-from sdze_core.objectives import ResidualLoss
 from sdze_core.optimizers import constant, cosine_decay, linear_decay, zo_adam, zo_sgd
 from sdze_core.oracles import SparseLaplacian
 from sdze_core.perturbers import CRNSPerturber
-from sdze_core.problem_protocol import has_exact, reaction_of
+from sdze_core.problem_protocol import has_exact, loss_of
 from sdze_core.problem_registry import canonical_problem, is_builtin, problem_label
 from sdze_core.problems import (
     EQUATIONS,
@@ -341,7 +340,7 @@ class Run:
     backend: Any
     problem: Any
     model: Any
-    loss: ResidualLoss
+    loss: Any  # ResidualLoss, or the problem's own loss (WeightedLoss, ...)
     method: Any
     test: TestSet | None
 
@@ -366,19 +365,16 @@ def build(config: SolverConfig, backend=None) -> Run:
                 )
         problem = make_problem(config.problem, config.dim, seed=config.seed, backend=backend)
         model = problem.model(config.width, config.depth, config.activation)
-    loss = ResidualLoss(
-        model,
-        problem.oracle(config.num_directions),
-        reaction_of(problem),
-        lambda k: problem.sample_domain(k, config.batch_size),
-        unbiased=config.unbiased,
-        forcing=getattr(problem, "forcing", None),
+    loss = loss_of(
+        problem, model, num_directions=config.num_directions,
+        batch_size=config.batch_size, unbiased=config.unbiased,
     )
     if config.method == "sdgd":
-        if not isinstance(loss.oracle, SparseLaplacian):
+        if not isinstance(getattr(loss, "oracle", None), SparseLaplacian):
             raise ValueError(
                 f"sdgd estimates Laplacians only; the operator of {config.problem!r} is not Δ "
-                f"(its oracle is a {type(loss.oracle).__name__}; use first-order)"
+                f"(its loss is a {type(loss).__name__} with oracle "
+                f"{type(getattr(loss, 'oracle', None)).__name__}; use first-order)"
             )
         from sdze_core.oracles import NestedAutodiffLaplacian
 
