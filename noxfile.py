@@ -49,6 +49,16 @@ def backend_requirements(backend: str, gpu: bool) -> list[str]:
     return ["numpy"]
 
 
+def skip_cupy_without_device(session: nox.Session, backend: str) -> None:
+    """CuPy runs only on a CUDA device: without one, every CuPy test would skip after
+    minutes of installs, so the session skips at once, saying so."""
+    if backend == "cupy" and not has_cuda_device():
+        session.skip(
+            "cupy needs a CUDA device and nvidia-smi lists none here; "
+            "tests_gpu / conformance_gpu run it where there is one"
+        )
+
+
 def install(session: nox.Session, backend: str, gpu: bool = False) -> None:
     """sdze, the backend's library, and the test tools.
 
@@ -75,7 +85,8 @@ def run_pytest(session: nox.Session, suite: str, backend: str, device: str | Non
 @nox.session
 @nox.parametrize("backend", BACKENDS)
 def tests(session: nox.Session, backend: str) -> None:
-    """Unit tests on one backend (CPU). CuPy skips its tests, saying why, without a GPU."""
+    """Unit tests on one backend (CPU). CuPy's session skips, saying why, without a GPU."""
+    skip_cupy_without_device(session, backend)
     install(session, backend)
     run_pytest(session, "tests", backend, None)
 
@@ -84,6 +95,7 @@ def tests(session: nox.Session, backend: str) -> None:
 @nox.parametrize("backend", BACKENDS)
 def conformance(session: nox.Session, backend: str) -> None:
     """The conformance suite (docs/conformance.md), checked on one backend (CPU)."""
+    skip_cupy_without_device(session, backend)
     install(session, backend)
     run_pytest(session, "conformance", backend, None)
 
