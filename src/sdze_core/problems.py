@@ -433,7 +433,7 @@ class Problem:
     # -- what the solver builds on top
     def model(
         self, width: int = 128, depth: int = 4, activation: str = "tanh", init_scheme="glorot"
-    ) -> Ansatz:
+    ) -> Ansatz | HardConstraint:
         """The ansatz g(x) N(x) with N an MLP of ``depth`` hidden layers of ``width``.
 
         An :class:`Ansatz` on the built-in domains, else a
