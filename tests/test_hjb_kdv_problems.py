@@ -123,8 +123,8 @@ def test_kdv_ansatz_meets_the_right_slope(backend):
     slope = {}
     for end in (1.0, -1.0):
         x = kdv_points(b, x=end)
-        u_x = model.jet(params, x, index, 1).coeffs[0][0]
-        exact_x = ExactModel(problem).jet(None, x, index, 1).coeffs[0][0]
+        u_x = model.jet(params, x, index, 1).coeffs[0][0, ...]
+        exact_x = ExactModel(problem).jet(None, x, index, 1).coeffs[0][0, ...]
         slope[end] = np.max(np.abs(b.to_host(u_x - exact_x)))
     assert slope[1.0] < 1e-12
     assert slope[-1.0] > 1e-6  # the left end's slope is the network's: only the right is data

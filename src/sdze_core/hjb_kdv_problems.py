@@ -6,7 +6,7 @@ Both are assembled from domains (:mod:`sdze_core.domains`), operator terms
 built-ins; the solver treats them like any user problem. Points are (x, t),
 time last.
 
-**HJB-LIN** (STDE's Hamilton–Jacobi–Bellman test, SPEC section 10), on
+**HJB-LIN** (STDE's Hamilton–Jacobi–Bellman test, docs/problems.md), on
 R^d × [0, 1]::
 
     u_t + Δ_x u − (1/d) Σ_i |∂u/∂x_i|^c = −2,   c = 1.75,   u(x, 1) = Σ_i x_i,
