@@ -149,7 +149,10 @@ class HJBLin:
 
 
 def make_hjb_lin(dim: int, seed: int | Key = 0, backend=None, c: float = 1.75) -> HJBLin:
-    """HJB-LIN in space dimension ``dim`` (d >= 1; nothing is random, ``seed`` is unused)."""
+    """u_t + Δ_x u − (1/d) Σ_i |∂_i u|^1.75 = −2 on R^d × [0, 1], u* = Σ_i x_i + 1 − t (HJB-LIN).
+
+    ``dim`` is d >= 1; nothing is random (``seed`` is unused).
+    """
     from .registry import get_backend
 
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
@@ -353,7 +356,10 @@ class KdV:
 
 
 def make_kdv(dim: int = 1, seed: int | Key = 0, backend=None) -> KdV:
-    """The KdV problem (space dimension 1 only; nothing is random, ``seed`` is unused)."""
+    """u_t + u u_x + 0.0025 u_xxx = f on [−1, 1] × [0, 1], u* a travelling sech² (KdV, --dim 1).
+
+    One space dimension only; nothing is random (``seed`` is unused).
+    """
     from .registry import get_backend
 
     if dim != 1 or isinstance(dim, bool):
