@@ -197,7 +197,7 @@ def test_registered_as_builtins():
     assert isinstance(make_problem("kdv", 1, backend=b), KdV)
 
 
-@pytest.mark.parametrize("name, dim", [("kdv", 2), ("kdv", True), ("hjb-lin", 0),
+@pytest.mark.parametrize("name, dim", [("kdv", 2), ("kdv", True), ("kdv", 1.0), ("hjb-lin", 0),
                                        ("hjb-lin", 2.5)])  # fmt: skip
 def test_bad_dimensions_are_refused(name, dim):
     with pytest.raises(ValueError, match="dimension|--dim 1"):

@@ -44,7 +44,7 @@ from typing import Any, ClassVar
 from array_api_compat import array_namespace
 
 from . import jets
-from .domains import Domain, HardConstraint, NoBoundaryError, SpaceTime, WholeSpace
+from .domains import Domain, HardConstraint, SpaceTime, WholeSpace
 from .keys import Key, fold_in
 from .models import MLP
 from .operator_terms import (
@@ -214,7 +214,7 @@ class ClampedInterval(Domain):
     def boundary_factor(self, x_jet):
         """C (x − a)(b − x)² by Leibniz products of the two affine jets."""
         if x_jet.primal.shape[-1] != 1:
-            raise NoBoundaryError(f"{self!r} is one-dimensional, got points of shape "
+            raise ValueError(f"{self!r} is one-dimensional, got points of shape "
                                   f"{tuple(x_jet.primal.shape)}")  # fmt: skip
         length = self.high - self.low
         scale = 27.0 / (4.0 * length**3)
@@ -362,7 +362,7 @@ def make_kdv(dim: int = 1, seed: int | Key = 0, backend=None) -> KdV:
     """
     from .registry import get_backend
 
-    if dim != 1 or isinstance(dim, bool):
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim != 1:
         raise ValueError(f"kdv is a problem in one space dimension: use --dim 1, got {dim!r}")
     return KdV(backend or get_backend())
 

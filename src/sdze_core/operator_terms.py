@@ -482,7 +482,8 @@ class PartialPowerSum(Oracle):
         index = subset if sample is None else sample
         jet = model.jet(params, x, index, 1)
         first = _coefficients(jet, 1, index.shape[0])
-        total = array_namespace(x).sum(array_namespace(x).abs(first) ** self.c, axis=0)
+        xp = array_namespace(x)
+        total = xp.sum(xp.abs(first) ** self.c, axis=0)
         return OperatorEstimate(jet.primal, (subset.shape[0] / index.shape[0]) * total)
 
 
