@@ -28,7 +28,7 @@ from sdze_core.validation import SettingError
 
 def _list(args) -> int:
     from sdze_core import oracles
-    from sdze_core.problem_registry import describe_problem, is_builtin, known_problems
+    from sdze_core.problem_registry import describe_problem, known_problems
     from sdze_core.problems import EQUATIONS, PROBLEMS
 
     print("problems (sdze solve NAME --dim D):")
@@ -37,7 +37,7 @@ def _list(args) -> int:
         operator = "Δ²" if eq.order == 4 else "Δ"
         print(f"  {name:<24} {operator}u ... on the {eq.boundary}, {solution} solution")
     for name in known_problems():
-        if not is_builtin(name):
+        if name not in PROBLEMS:
             print(f"  {name:<24} {describe_problem(name)}")
     print("  your own: sdze solve MODULE:FACTORY --dim D, or FILE.py:FACTORY (docs/problems.md)")
     print("operators (jet oracles, sdze_core.oracles):")

@@ -53,7 +53,7 @@ from sdze_core.optimizers import constant, cosine_decay, linear_decay, zo_adam, 
 from sdze_core.oracles import SparseLaplacian
 from sdze_core.perturbers import CRNSPerturber
 from sdze_core.problem_protocol import has_exact, loss_of
-from sdze_core.problem_registry import canonical_problem, is_builtin, problem_label
+from sdze_core.problem_registry import canonical_problem, problem_label
 from sdze_core.problems import (
     EQUATIONS,
     PROBLEMS,
@@ -156,7 +156,7 @@ class SolverConfig:
         c.problem = canonical_problem(c.problem)
         if c.method not in METHODS:
             raise ValueError(f"unknown method {c.method!r}; known: {', '.join(METHODS)}")
-        benchmark = PROBLEMS[c.problem] if is_builtin(c.problem) else None
+        benchmark = PROBLEMS.get(c.problem)  # STDE's suite; other built-ins are like user problems
         arity = SOLUTIONS[benchmark[1]].arity if benchmark else 1
         c.dim = count("dim", c.dim, minimum=arity)
         if c.perturbation is None:
@@ -351,7 +351,7 @@ def build(config: SolverConfig, backend=None) -> Run:
     if backend is None:
         backend = make_backend(config.backend, device=config.device, dtype=config.dtype,
                                rng=config.rng)
-    if is_builtin(config.problem):
+    if config.problem in PROBLEMS:
         problem = make_problem(config.problem, config.dim, seed=config.seed, backend=backend,
                                sampling=config.sampling)
         model = problem.model(config.width, config.depth, config.activation, config.init_scheme)

@@ -13,7 +13,11 @@ oracle that adds them:
 * :class:`MixedPartial`: ∂^k u/∂x_{i_1}…∂x_{i_k} (k <= 4), exactly, by
   polarization from k-jets along signed sums of coordinate directions;
 * :class:`LinearCombination`: Σ_j a_j L_j u, each term's randomness drawn
-  from its own key.
+  from its own key;
+* :class:`PartialPowerSum`: Σ_{i ∈ S} |∂u/∂x_i|^c (HJB-LIN's Hamiltonian),
+  exact or sampled within S;
+* :class:`Convection`: u ∂u/∂x_j (Burgers' and KdV's u u_x), exactly, from
+  one 1-jet.
 
 The first-order, trace, diagonal and biharmonic operators of
 :mod:`sdze_core.oracles` are terms too. Like every oracle, these never see a
@@ -44,6 +48,8 @@ __all__ = [
     "GradientNormPower",
     "MixedPartial",
     "LinearCombination",
+    "PartialPowerSum",
+    "Convection",
     "polarization_weights",
     "MAX_MIXED_ORDER",
 ]
@@ -409,3 +415,110 @@ class LinearCombination(Oracle):
             term = a * estimate.value
             u, value = (estimate.u, term) if u is None else (u, value + term)
         return OperatorEstimate(u, value)
+
+
+# -- per-coordinate powers and convection ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PartialPowerSum(Oracle):
+    """Σ_{i ∈ S} |∂u/∂x_i|^c over a subset S of the coordinates, exact or sampled.
+
+    With ``num_directions=None`` the value is exact, from |S| 1-jets along
+    the coordinates of S (gathers). With V = ``num_directions``::
+
+        (|S| / V) Σ_{v=1..V} |∂u/∂x_{j_v}|^c,   j_1, ..., j_V uniform on S without replacement,
+
+    unbiased for every c > 0, since the sum is linear in the per-coordinate
+    terms |u_i|^c and each j_v is marginally uniform on S (unlike
+    :class:`GradientNormPower`'s ‖∇u‖^c = (Σ_i u_i²)^(c/2), a power of a sum).
+    Variance |S|² σ² (|S| − V) / (V (|S| − 1)), σ² the population variance of
+    the |S| terms, zero at V = |S|. Cost O(h V) per point.
+
+    E.g. HJB-LIN's (1/d) Σ_i |∂u/∂x_i|^c over the space coordinates of u(x, t),
+    x ∈ R^d: ``(1 / d) * PartialPowerSum(c, range(d), V)`` as a
+    :class:`LinearCombination` term. For c <= 1 the term is not
+    differentiable in θ where a u_i vanishes.
+
+    Parameters
+    ----------
+    c : float
+        The power, > 0.
+    coordinates : sequence of int or None
+        The distinct coordinates S (negative ones count from the end);
+        ``None``: all d.
+    num_directions : int or None
+        V <= |S| sampled coordinates, shared by the batch; ``None``: exact.
+    """
+
+    c: float = 2.0
+    coordinates: Sequence[int] | None = None
+    num_directions: int | None = None
+
+    order: ClassVar[int] = 1
+
+    def __post_init__(self):
+        if isinstance(self.c, bool) or not isinstance(self.c, Real) or not self.c > 0:
+            raise ValueError(f"c must be a positive real number, got {self.c!r}")
+        if self.coordinates is not None:
+            object.__setattr__(self, "coordinates", _distinct("coordinates", self.coordinates))
+        _check_count("num_directions", self.num_directions, allow_none=True)
+
+    def sample(self, key, x):
+        """V coordinates of S (index array (V,)), or ``None`` when exact."""
+        subset = _subset_array(self.coordinates, x)
+        if self.num_directions is None:
+            return None
+        if self.num_directions > subset.shape[0]:
+            raise ValueError(
+                f"num_directions must be at most |coordinates| = {subset.shape[0]} (sampled "
+                f"without replacement; None is exact), got {self.num_directions}"
+            )
+        chosen = backend_of(x).choice(key, subset.shape[0], self.num_directions)
+        return array_namespace(subset).take(subset, chosen, axis=0)
+
+    def estimate(self, model, params, x, sample) -> OperatorEstimate:
+        subset = _subset_array(self.coordinates, x)
+        index = subset if sample is None else sample
+        jet = model.jet(params, x, index, 1)
+        first = _coefficients(jet, 1, index.shape[0])
+        xp = array_namespace(x)
+        total = xp.sum(xp.abs(first) ** self.c, axis=0)
+        return OperatorEstimate(jet.primal, (subset.shape[0] / index.shape[0]) * total)
+
+
+@dataclass(frozen=True)
+class Convection(Oracle):
+    """u ∂u/∂x_j = ½ ∂(u²)/∂x_j exactly, from one 1-jet along e_j (a gather).
+
+    The jet of u along x + s e_j carries u itself (its primal) and ∂u/∂x_j
+    (its first coefficient), so the product costs one 1-jet per point. The
+    term is nonlinear in u, but it is an operator of the model like any
+    other: a :class:`LinearCombination` term (KdV's u_t + u u_x + ν u_xxx),
+    and a perturbed model's query axes broadcast through the product.
+    Deterministic.
+
+    Parameters
+    ----------
+    index : int
+        The coordinate j (negative counts from the end).
+    """
+
+    index: int
+
+    order: ClassVar[int] = 1
+
+    def __post_init__(self):
+        if isinstance(self.index, bool) or not isinstance(self.index, int):
+            raise ValueError(f"index must be an int, got {self.index!r}")
+
+    def sample(self, key, x):
+        """``None``: nothing is random (the key is not used)."""
+        _resolve("index", (self.index,), _dimension(x))
+        return None
+
+    def estimate(self, model, params, x, sample=None) -> OperatorEstimate:
+        b = backend_of(x)
+        (j,) = _resolve("index", (self.index,), _dimension(x))
+        jet = model.jet(params, x, b.asarray([j], dtype=b.index_dtype), 1)
+        return OperatorEstimate(jet.primal, jet.primal * _coefficients(jet, 1, 1)[0, ...])

@@ -87,7 +87,8 @@ def _register_builtin(name: str, factory: Callable) -> None:
 def _ensure_loaded() -> None:
     """The built-ins, then the entry points (which never shadow a registered name)."""
     global _entry_points_loaded
-    from . import problems  # noqa: F401  (registers the built-in benchmarks)
+    from . import problems  # noqa: F401, I001  (registers the built-in benchmarks, first)
+    from . import hjb_kdv_problems  # noqa: F401  (registers HJB-LIN and KdV)
 
     with _lock:
         if _entry_points_loaded:
