@@ -1,4 +1,4 @@
-"""Inverse problems: trainable PDE coefficients (docs/losses.md#inverse-problems-trainable-coefficients).
+"""Inverse problems: trainable PDE coefficients (docs/inverse.md).
 
 An inverse problem has unknown coefficients c ∈ R^K in the equation (a
 reaction rate κ in −Δu + κu = f, a diffusivity, a source amplitude), fitted
@@ -24,8 +24,9 @@ together with the network from observations of u (a
     unbiased for ∇_c ℓ(θ, c; ξ) up to O(ε²) (exactly for the Gaussian-smoothed
     loss when z is Gaussian); E‖ĝ‖² ≈ (K + 2)‖∇_c ℓ‖² / q for Gaussian z
     (K + 2 − 2 for Rademacher z), bounded as ε → 0 thanks to CRNS;
-  - reverse-mode autodiff of the same loss (:func:`coefficient_autodiff`) for
-    the first-order method.
+  - reverse-mode autodiff for the first-order method: one pass gives ∇_θ ℓ and
+    ∇_c ℓ (:func:`coefficient_autodiff`); the method's Adam updates θ with the
+    former (:meth:`~sdze_core.first_order.FirstOrderAdam.apply_gradient`).
 
 The 2q evaluations of a zeroth-order estimate are one pass of the network:
 u does not depend on c, so the marked functions receive each coefficient with
@@ -62,13 +63,10 @@ __all__ = [
     "coefficient_gradient",
     "coefficient_autodiff",
     "DISTRIBUTIONS",
-    "GRADIENTS",
 ]
 
 #: The perturbations of :func:`coefficient_gradient`.
 DISTRIBUTIONS = ("gaussian", "rademacher")
-#: How :class:`TrainCoefficients` gets ∇_c ℓ.
-GRADIENTS = ("zeroth-order", "autodiff")
 
 
 class CoefficientValues(dict):
@@ -127,7 +125,7 @@ class CoefficientFunction:
 
 def uses_coefficients(fn: Callable) -> CoefficientFunction:
     """Mark ``fn(*args, c)`` as reading the trainable coefficients (an unbound
-    :class:`CoefficientFunction`), e.g. ``rhs = uses_coefficients(lambda u, x, c: c["kappa"] * u)``."""
+    :class:`CoefficientFunction`), e.g. ``uses_coefficients(lambda u, x, c: c["kappa"] * u)``."""
     if not callable(fn):
         raise TypeError(f"uses_coefficients needs a callable fn(*args, c), got {fn!r}")
     return CoefficientFunction(fn)
@@ -268,19 +266,21 @@ def coefficient_gradient(
 
 
 @dataclass(frozen=True)
-class _CoefficientLoss:
-    """c_tree, θ, ξ ↦ ℓ(θ, c; ξ) with c = c_tree[0]["c"]: what autodiff differentiates
-    (frozen and hashable, so JAX compiles it once per loss)."""
+class _JointLoss:
+    """ℓ as a function of one tree [*θ, {"c": c}]: what autodiff differentiates (frozen
+    and hashable, so JAX compiles it once per loss, not once per value of c)."""
 
     loss: Any
     names: tuple
 
-    def __call__(self, c_tree, params, xi):
-        return bind_coefficients(self.loss, _named(self.names, c_tree[0]["c"]))(params, xi)
+    def __call__(self, tree, xi):
+        values = _named(self.names, tree[-1]["c"])
+        return bind_coefficients(self.loss, values)(tree[:-1], xi)
 
 
 def coefficient_autodiff(loss, names: tuple, params, c, spatial_key: Key):
-    """``(ℓ, ∇_c ℓ(θ, c; ξ))`` by the backend's reverse mode, ξ = loss.sample(spatial_key).
+    """``(ℓ, ∇_θ ℓ, ∇_c ℓ)`` at (θ, c) on ξ = loss.sample(spatial_key), by one reverse pass
+    of the backend's autodiff (∇_θ ℓ shaped like θ, ∇_c ℓ of shape (K,)).
 
     Raises
     ------
@@ -288,10 +288,9 @@ def coefficient_autodiff(loss, names: tuple, params, c, spatial_key: Key):
         On a backend without autodiff (NumPy, array-api-strict).
     """
     xi = sample_unbound(loss, spatial_key)
-    value, grads = backend_of(c).value_and_grad(_CoefficientLoss(loss, names))(
-        [{"c": c}], params, xi
-    )
-    return value, grads[0]["c"]
+    joint = _JointLoss(loss, tuple(names))
+    value, grads = backend_of(c).value_and_grad(joint)([*params, {"c": c}], xi)
+    return value, grads[:-1], grads[-1]["c"]
 
 
 class CoefficientState(NamedTuple):
@@ -337,12 +336,14 @@ class TrainCoefficients:
     One step t, with ξ_t and the parameter key k_t of the wrapped method::
 
         ĝ = coefficient_gradient(loss, θ, c, ξ_t, fold_in(k_t, "coefficients"))
-            (or ∇_c ℓ by autodiff)
         Δc, opt = optimizer.update(ĝ, opt, t)            # Adam on K numbers
         θ, state = method.step(bind_coefficients(loss, c), θ, state)
         c ← c + Δc
 
-    Both gradients are taken at (θ_t, c_t) on the same ξ_t. A non-finite loss
+    For :class:`~sdze_core.first_order.FirstOrderAdam` one reverse pass gives
+    (∇_θ ℓ, ∇_c ℓ) (:func:`coefficient_autodiff`) and the method's Adam
+    applies the first (``apply_gradient``). Both gradients are taken at
+    (θ_t, c_t) on the same ξ_t. A non-finite loss
     or update raises before anything is applied (c is unchanged and the
     error's state is this wrapper's).
 
@@ -356,16 +357,13 @@ class TrainCoefficients:
         name -> initial value, e.g. ``{"kappa": 1.0}``; c's order is the mapping's.
     optimizer : Optimizer
         For c (default :func:`~sdze_core.optimizers.zo_adam` with η = 1e-2).
-    gradient : {"zeroth-order", "autodiff"}, optional
-        Default ``"autodiff"`` for FirstOrderAdam, else ``"zeroth-order"``.
     num_queries, eps, distribution, crns
-        Of :func:`coefficient_gradient`.
+        Of :func:`coefficient_gradient` (zeroth-order methods).
     """
 
     method: Any
     initial: Mapping
     optimizer: Optimizer = dataclasses.field(default_factory=lambda: zo_adam(1e-2))
-    gradient: str | None = None
     num_queries: int = 2
     eps: float | None = None
     distribution: str = "gaussian"
@@ -373,11 +371,6 @@ class TrainCoefficients:
 
     def __post_init__(self):
         object.__setattr__(self, "initial", _check_initial(self.initial))
-        if self.gradient is None:
-            default = "autodiff" if isinstance(self.method, FirstOrderAdam) else "zeroth-order"
-            object.__setattr__(self, "gradient", default)
-        if self.gradient not in GRADIENTS:
-            raise ValueError(f"gradient must be one of {GRADIENTS}, got {self.gradient!r}")
         if self.distribution not in DISTRIBUTIONS:
             raise ValueError(
                 f"distribution must be one of {DISTRIBUTIONS}, got {self.distribution!r}"
@@ -391,6 +384,12 @@ class TrainCoefficients:
     @property
     def names(self) -> tuple:
         return tuple(self.initial)
+
+    @property
+    def gradient(self) -> str:
+        """``"autodiff"`` for :class:`~sdze_core.first_order.FirstOrderAdam` (one reverse
+        pass gives ∇_θ ℓ and ∇_c ℓ), ``"zeroth-order"`` otherwise."""
+        return "autodiff" if isinstance(self.method, FirstOrderAdam) else "zeroth-order"
 
     def init(self, key: Key, params) -> CoefficientState:
         """The wrapped method's state from ``key``, c = ``initial`` (the parameters'
@@ -411,27 +410,16 @@ class TrainCoefficients:
         """``loss`` bound to the current coefficients (what the wrapped method trains on)."""
         return bind_coefficients(loss, _named(self.names, state.coefficients))
 
-    def _gradient(self, loss, params, state, t):
-        spatial, param = self.step_keys(state)
-        c = state.coefficients
-        if self.gradient == "autodiff":
-            value, g = coefficient_autodiff(loss, self.names, params, c, spatial)
-            losses = array_namespace(c).reshape(value, (1,))
-        else:
-            g, losses = coefficient_gradient(
-                loss, self.names, params, c, spatial, fold_in(param, "coefficients"),
-                num_queries=self.num_queries, eps=self.eps,
-                distribution=self.distribution, crns=self.crns,
-            )
-        values = backend_of(c).to_host(losses).tolist()
+    def _check_losses(self, losses, params, state, t) -> list:
+        values = backend_of(losses).to_host(losses).tolist()
         if not all(math.isfinite(v) for v in values):
             raise NonFiniteLossError(
-                f"step {t}: the loss is not finite at the perturbed coefficients ({values}); "
-                "the step was not applied (the error's .params and .state hold the last good "
-                "state). Lower the coefficients' learning rate or eps.",
+                f"step {t}: the loss is not finite at the coefficients ({values}); the step "
+                "was not applied (the error's .params and .state hold the last good state). "
+                "Lower the coefficients' learning rate or eps.",
                 step=t, losses=values, params=params, state=state,
             )
-        return g, values
+        return values
 
     def step(self, loss, params, state: CoefficientState):
         """One step: ``(params, state, info)``, ``info`` the wrapped method's.
@@ -443,7 +431,18 @@ class TrainCoefficients:
             this wrapper's (with the wrapped method's last good state).
         """
         t = state.step
-        g, values = self._gradient(loss, params, state, t)
+        spatial, param = self.step_keys(state)
+        c = state.coefficients
+        if self.gradient == "autodiff":
+            value, net_grads, g = coefficient_autodiff(loss, self.names, params, c, spatial)
+            losses = array_namespace(c).reshape(value, (1,))
+        else:
+            g, losses = coefficient_gradient(
+                loss, self.names, params, c, spatial, fold_in(param, "coefficients"),
+                num_queries=self.num_queries, eps=self.eps,
+                distribution=self.distribution, crns=self.crns,
+            )
+        values = self._check_losses(losses, params, state, t)
         updates, opt_state = self.optimizer.update([{"c": g}], state.optimizer, t)
         if not all_finite(updates):
             raise NonFiniteUpdateError(
@@ -452,14 +451,18 @@ class TrainCoefficients:
                 step=t, losses=values, params=params, state=state,
             )
         try:
-            params, inner, info = self.method.step(
-                self.evaluation_loss(loss, state), params, state.method
-            )
+            if self.gradient == "autodiff":
+                params, inner, info = self.method.apply_gradient(
+                    params, net_grads, state.method, values[0]
+                )
+            else:
+                params, inner, info = self.method.step(
+                    self.evaluation_loss(loss, state), params, state.method
+                )
         except NonFiniteLossError as error:
             error.state = state._replace(method=error.state)
             raise
-        c = state.coefficients + updates[0]["c"]
-        return params, CoefficientState(inner, c, opt_state), info
+        return params, CoefficientState(inner, c + updates[0]["c"], opt_state), info
 
     def merge(self, params, state: CoefficientState):
         """The wrapped method's merge; c unchanged."""
