@@ -98,8 +98,8 @@ def run(backend_name: str, method, steps: int, every: int) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--every", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--every", type=int, default=150)
     parser.add_argument("--first-order-backend", default="torch")
     parser.add_argument("--zeroth-order-backend", default="numpy")
     parser.add_argument("--out", default=str(RESULTS / "inverse.json"))

@@ -62,6 +62,7 @@ __all__ = [
     "bind_coefficients",
     "coefficient_gradient",
     "coefficient_autodiff",
+    "sample_unbound",
     "DISTRIBUTIONS",
 ]
 
