@@ -267,3 +267,19 @@ def test_first_order_recovers_the_diffusivity(name):
     rel = float(np.linalg.norm(u - u_star) / np.linalg.norm(u_star))
     print(f"{name}: a {a:.4f}, rel_l2 {rel:.3e}")
     assert abs(a - A_TRUE) < 0.15 and rel < 0.06
+
+
+def test_train_checks_the_saved_network_with_the_coefficients_bound(backend):
+    """train()'s checkpoint callback evaluates the loss of the network to be saved: with
+    TrainCoefficients that loss is bound to the current c (unbound it would raise)."""
+    from sdze_core.training import TrainState, train
+
+    b, model, params, loss = problem(backend)
+    trainer = TrainCoefficients(ActivityPerturbation(), {"a": 0.5}, zo_adam(0.05))
+    saved = []
+    result = train(
+        trainer, loss, params, TrainState(trainer.init(key(1), params)), 4, model=model,
+        checkpoint_every=2, on_checkpoint=lambda p, s: saved.append(trainer.coefficients(s.method)),
+    )
+    assert result.divergence is None and result.state.step == 4 and len(saved) == 2
+    assert saved[-1] == trainer.coefficients(result.state.method) != {"a": 0.5}
