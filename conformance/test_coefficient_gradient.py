@@ -13,6 +13,7 @@ and the estimate ĝ = (1/q) Σ_i (ℓ(c + ε z_i) − ℓ(c − ε z_i)) / (2ε)
   the errors e_t = ĝ_t − ∇_c ℓ(ξ_t) have mean 0; each of the K = 2 components
   of their mean lies within 3.48 standard errors of 0 (two-sided 99.95 % each,
   so 99.9 % for both, Bonferroni; a fixed seed, so the test is deterministic).
+* Variance: E‖ĝ − ∇‖² = (K + 1)‖∇‖² / q, to 99.9 % confidence.
 * CRNS: M2(ε) = mean_t ‖ĝ_t‖² with the same keys at ε = 1e-2 and 1e-4 agree to
   1 % (measured ~1e-9 relative in float64); without CRNS (ξ⁺, ξ⁻ independent)
   M2 grows by more than 1e3 (the ε⁻² law predicts 1e4).
@@ -126,6 +127,19 @@ def test_without_crns_second_moment_grows_as_inverse_eps_squared(backend):
     coarse, fine = (second_moment(loss, params, c, eps, False) for eps in (1e-2, 1e-4))
     print(f"naive M2 ratio: {fine / coarse}")
     assert fine / coarse > 1e3, f"naive M2(1e-4) / M2(1e-2) = {fine / coarse}"
+
+
+def test_variance_follows_the_formula(backend):
+    """E‖ĝ − ∇‖² = (K + 1)‖∇‖² / q for Gaussian z (with CRNS and a quadratic ℓ, exactly):
+    the mean of ‖e_t‖² over the steps against the mean of (K + 1)‖∇(ξ_t)‖² / q, within
+    ±50 % (3.5 standard errors of the ratio, 0.144 for 200 steps: 99.9 %; measured 0.95
+    on numpy, 0.98 on torch). A missing 1/q or a (K + 2) variance would be outside."""
+    loss, params, c = make_problem(backend)
+    g_hat, truth = estimates(loss, params, c, eps=1e-3, truth=True)
+    measured = np.mean(np.sum((g_hat - truth) ** 2, axis=1))
+    predicted = np.mean((len(NAMES) + 1) * np.sum(truth**2, axis=1) / Q)
+    print(f"variance ratio: {measured / predicted}")
+    assert 0.5 <= measured / predicted <= 1.5, f"variance ratio {measured / predicted}"
 
 
 def test_rademacher_is_unbiased_too(backend):

@@ -22,8 +22,9 @@ together with the network from observations of u (a
         ĝ = (1/q) Σ_i (ℓ(θ, c + ε z_i; ξ) − ℓ(θ, c − ε z_i; ξ)) / (2ε) · z_i,
 
     unbiased for ∇_c ℓ(θ, c; ξ) up to O(ε²) (exactly for the Gaussian-smoothed
-    loss when z is Gaussian); E‖ĝ‖² ≈ (K + 2)‖∇_c ℓ‖² / q for Gaussian z
-    (K + 2 − 2 for Rademacher z), bounded as ε → 0 thanks to CRNS;
+    loss when z is Gaussian). Its variance, E‖ĝ − ∇_c ℓ‖² = (K + 1)‖∇_c ℓ‖² / q
+    for Gaussian z ((K − 1)‖∇_c ℓ‖² / q for Rademacher z: exact for K = 1), up
+    to O(ε²), stays bounded as ε → 0 thanks to CRNS;
   - reverse-mode autodiff for the first-order method: one pass gives ∇_θ ℓ and
     ∇_c ℓ (:func:`coefficient_autodiff`); the method's Adam updates θ with the
     former (:meth:`~sdze_core.first_order.FirstOrderAdam.apply_gradient`).
