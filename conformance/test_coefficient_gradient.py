@@ -15,13 +15,16 @@ and the estimate ĝ = (1/q) Σ_i (ℓ(c + ε z_i) − ℓ(c − ε z_i)) / (2ε)
   so 99.9 % for both, Bonferroni; a fixed seed, so the test is deterministic).
 * Variance: E‖ĝ − ∇‖² = (K + 1)‖∇‖² / q, to 99.9 % confidence.
 * CRNS: M2(ε) = mean_t ‖ĝ_t‖² with the same keys at ε = 1e-2 and 1e-4 agree to
-  1 % (measured ~1e-9 relative in float64); without CRNS (ξ⁺, ξ⁻ independent)
-  M2 grows by more than 1e3 (the ε⁻² law predicts 1e4).
+  1 % (measured: equal to 1e-13 relative in float64); without CRNS (ξ⁺, ξ⁻ independent)
+  M2 grows by more than 1e3 (the ε⁻² law predicts 1e4; measured 0.99e4–1.00e4).
 * Mutations (each must fail its check; NumPy only, the code is the same array
   API on every backend): the ± sides swapped (a wrong sign) fails the
   unbiasedness check, the − side evaluated on another ξ fails the CRNS check.
 
-Run time: ~3 s per backend.
+Measured mean errors / standard errors: within ±1.8 on numpy, array_api_strict,
+torch and jax; the wrong-sign mutant: −5.2 and −23. Run time on a loaded 2-core
+machine: ~40 s on numpy and torch, ~4 min on array_api_strict and jax (eager
+dispatch of many small arrays).
 """
 
 import math
