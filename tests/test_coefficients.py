@@ -175,7 +175,7 @@ def test_bad_settings_name_the_option(kwargs, message):
         TrainCoefficients(ActivityPerturbation(), **kwargs)
 
 
-def test_the_gradient_defaults_to_the_method(backend):
+def test_the_gradient_defaults_to_the_method():
     assert TrainCoefficients(FirstOrderAdam(), {"k": 1.0}).gradient == "autodiff"
     assert TrainCoefficients(ActivityPerturbation(), {"k": 1.0}).gradient == "zeroth-order"
 
