@@ -33,6 +33,14 @@ def test_example_runs(page, marker, capsys, monkeypatch):
     assert "rel_l2" in out
 
 
+def test_inverse_page_runs(capsys):
+    """inverse.md: the activity engine recovers the diffusivity a* = 2 from a = 0.5."""
+    (example,) = [b for b in python_blocks("inverse.md") if "TrainCoefficients(" in b]
+    exec(compile(example, "inverse.md:example", "exec"), {})
+    lines = dict(line.split(" ", 1) for line in capsys.readouterr().out.splitlines())
+    assert abs(float(lines["a"]) - 2.0) < 0.2 and float(lines["rel_l2"]) < 0.1
+
+
 def test_own_pde_page_runs(tmp_path, monkeypatch, capsys):
     """problems.md: its problem file saved as my_problem.py, then its Python example run."""
     isolate_problem_registry(monkeypatch)
