@@ -8,6 +8,7 @@ every backend:
   for the MLP, the ansatz, the subspace engine's layer maps and the activity
   engine's network (whose first-layer update must also be the same);
 * the sparse biharmonic builds no d-sized tangent and makes one primal pass;
+* so does the mixed partial's polarization;
 * a model that does not take sparse directions gets the dense ones.
 """
 
@@ -19,6 +20,7 @@ from sdze.testing import SpyLayers
 from sdze_core import activity, jets
 from sdze_core.keys import key
 from sdze_core.models import MLP, Ansatz, with_layer_map
+from sdze_core.operator_terms import MixedPartial
 from sdze_core.oracles import ExactBiharmonic, SparseBiharmonic
 from sdze_core.samplers import FullGaussian, LowRankSubspace
 
@@ -172,6 +174,18 @@ def test_models_without_sparse_directions_get_dense_ones(backend, oracle):
     theirs = oracle.estimate(model, params, x, sample)
     assert_close(host(b, ours.value), host(b, theirs.value), RTOL64)
     assert_close(host(b, ours.u), host(b, theirs.u), RTOL64)
+
+
+@pytest.mark.parametrize("index", [(0, 3), (0, 0, 1), (2, 5, 5, 1)])
+def test_mixed_partial_gathers_its_directions(backend, index):
+    b, model, params, x = setup(backend, "ball")
+    spy = SpyLayers()
+    ours = MixedPartial(index).estimate(with_layer_map(model, spy), params, x)
+    k = len(index)
+    assert [c for c in spy.calls if c[0] == 0] == [(0, True, (B, D))]
+    assert spy.column_calls == [(0, (2 ** (k - 1) * k,))]
+    theirs = MixedPartial(index).estimate(DenseOnly(model), params, x)
+    assert_close(host(b, ours.value), host(b, theirs.value), RTOL64)
 
 
 def test_shared_and_collapsed_biharmonic_agree(backend):
