@@ -128,7 +128,8 @@ class _Call(NamedTuple):
     input coefficients, and the shapes of the ζ drawn per slot (None: not drawn)."""
 
     key: Key
-    inputs: tuple  # per layer: ("index", x, j) for the first layer along e_j, else a Jet
+    inputs: tuple  # per layer: ("index", x, j) for the first layer along e_j (j an index
+    # array or SparseDirections), else a Jet
     zeta_shapes: tuple  # per perturbed layer: tuple of shapes or None per slot
     points: int  # id() of the points x: calls on the same points share their losses
     batch: int
