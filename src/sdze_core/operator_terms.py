@@ -36,9 +36,18 @@ from typing import Any, ClassVar
 
 from array_api_compat import array_namespace, device
 
+from .jets import SparseDirections
 from .keys import fold_in
 from .models import conform
-from .oracles import OperatorEstimate, Oracle, _check_count, _coefficients, _dimension, _top_sum
+from .oracles import (
+    OperatorEstimate,
+    Oracle,
+    _check_count,
+    _coefficients,
+    _dimension,
+    _sparse_for,
+    _top_sum,
+)
 from .registry import backend_of, check_one_library
 
 __all__ = [
@@ -297,9 +306,10 @@ class MixedPartial(Oracle):
         ∂^k u/∂x_{i_1}⋯∂x_{i_k} = 1 / (2^(k−1) k!) Σ_{ε_1 = +1, ε_2..ε_k = ±1}
                                     ε_2 ⋯ ε_k D^k u[e_{i_1} + ε_2 e_{i_2} + ⋯ + ε_k e_{i_k}].
 
-    2^(k−1) k-jets along dense directions (d-vectors with at most k nonzero
-    entries, built densely: O(2^(k−1) h d) in the first layer). Indices may
-    repeat (``(0, 0, 1)`` is ∂³u/∂x_0²∂x_1). Deterministic.
+    2^(k−1) k-jets along k-sparse directions
+    (:class:`~sdze_core.jets.SparseDirections`: the first layer gathers k
+    columns each, O(2^(k−1) h k), whatever d is). Indices may repeat
+    (``(0, 0, 1)`` is ∂³u/∂x_0²∂x_1). Deterministic.
 
     Parameters
     ----------
@@ -328,21 +338,20 @@ class MixedPartial(Oracle):
         return None
 
     def _directions(self, x):
-        """(2^(k−1), d) directions Σ_j ε_j e_{i_j} and their weights (2^(k−1),)."""
-        xp = array_namespace(x)
+        """The 2^(k−1) k-sparse directions Σ_j ε_j e_{i_j} and their weights (2^(k−1),)."""
+        b = backend_of(x)
         index = _resolve("index", self.index, _dimension(x))
-        coords = xp.arange(x.shape[1], device=device(x))
-        unit = [xp.astype(coords == i, x.dtype) for i in index]
         pairs = polarization_weights(len(index))
-        directions = xp.stack([sum(e * u for e, u in zip(s, unit, strict=True)) for s, _ in pairs])
-        weights = xp.asarray([w for _, w in pairs], dtype=x.dtype, device=device(x))
-        return directions, weights
+        signs = b.xp.asarray([s for s, _ in pairs], dtype=x.dtype, device=device(x))
+        rows = b.asarray([index] * len(pairs), dtype=b.index_dtype)
+        weights = b.xp.asarray([w for _, w in pairs], dtype=x.dtype, device=device(x))
+        return SparseDirections(rows, signs), weights
 
     def estimate(self, model, params, x, sample=None) -> OperatorEstimate:
         x, _ = conform(params, x)
         xp = array_namespace(x)
         directions, weights = self._directions(x)
-        jet = model.jet(params, x, directions, self.order)
+        jet = model.jet(params, x, _sparse_for(model, x, directions), self.order)
         top = _coefficients(jet, self.order, weights.shape[0])
         weights = xp.reshape(weights, (weights.shape[0],) + (1,) * (top.ndim - 1))
         return OperatorEstimate(jet.primal, xp.sum(weights * top, axis=0))
