@@ -49,6 +49,16 @@ def backend_requirements(backend: str, gpu: bool) -> list[str]:
     return ["numpy"]
 
 
+def skip_cupy_without_device(session: nox.Session, backend: str) -> None:
+    """CuPy runs only on a CUDA device: without one, every CuPy test would skip after
+    minutes of installs, so the session skips at once, saying so."""
+    if backend == "cupy" and not has_cuda_device():
+        session.skip(
+            "cupy needs a CUDA device and nvidia-smi lists none here; "
+            "tests_gpu / conformance_gpu run it where there is one"
+        )
+
+
 def install(session: nox.Session, backend: str, gpu: bool = False) -> None:
     """sdze, the backend's library, and the test tools.
 
@@ -62,12 +72,24 @@ def install(session: nox.Session, backend: str, gpu: bool = False) -> None:
     session.install("-e", ".")
 
 
+def parallel_args(device: str | None) -> list[str]:
+    """pytest-xdist workers for a CPU run: one per core (at most 4), each single-threaded
+    so that workers do not oversubscribe the cores; a GPU run stays in one process."""
+    if device:
+        return []
+    return ["-n", str(min(4, os.cpu_count() or 1))]
+
+
+#: One thread per pytest worker (PyTorch, NumPy's BLAS and XLA would each take every core).
+SINGLE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+
+
 def run_pytest(session: nox.Session, suite: str, backend: str, device: str | None) -> None:
-    args = ["pytest", suite, "--backend", backend, *session.posargs]
+    args = ["pytest", suite, "--backend", backend, *parallel_args(device), *session.posargs]
     if device:
         args += ["--device", device]
     # Exit 5 means nothing was collected for this selection: say so, don't fail.
-    code = session.run(*args, success_codes=[0, 5])
+    code = session.run(*args, success_codes=[0, 5], env=None if device else SINGLE_THREAD)
     if code == 5:
         session.warn(f"pytest collected no tests in {suite} for backend {backend}")
 
@@ -75,7 +97,8 @@ def run_pytest(session: nox.Session, suite: str, backend: str, device: str | Non
 @nox.session
 @nox.parametrize("backend", BACKENDS)
 def tests(session: nox.Session, backend: str) -> None:
-    """Unit tests on one backend (CPU). CuPy skips its tests, saying why, without a GPU."""
+    """Unit tests on one backend (CPU). CuPy's session skips, saying why, without a GPU."""
+    skip_cupy_without_device(session, backend)
     install(session, backend)
     run_pytest(session, "tests", backend, None)
 
@@ -84,6 +107,7 @@ def tests(session: nox.Session, backend: str) -> None:
 @nox.parametrize("backend", BACKENDS)
 def conformance(session: nox.Session, backend: str) -> None:
     """The conformance suite (docs/conformance.md), checked on one backend (CPU)."""
+    skip_cupy_without_device(session, backend)
     install(session, backend)
     run_pytest(session, "conformance", backend, None)
 
@@ -97,7 +121,8 @@ def all_backends(session: nox.Session) -> None:
     for backend in ("array_api_strict", "torch", "jax"):
         session.install(*backend_requirements(backend, gpu=False))
     session.run(
-        "pytest", "tests/test_backends.py", "conformance/test_cross_backend.py", *session.posargs
+        "pytest", "tests/test_backends.py", "conformance/test_cross_backend.py",
+        *parallel_args(None), *session.posargs, env=SINGLE_THREAD,
     )
 
 

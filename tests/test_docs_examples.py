@@ -15,6 +15,7 @@ RUNNABLE = [
     ("sdze.md", "ActivityPerturbation(activity_adafactor"),
     ("sdze.md", "engine.evaluation_model(run.model"),
     ("benchmarks.md", 'preset="stde"'),
+    ("problems.md", "def loss(self, model"),
 ]
 
 
@@ -23,7 +24,8 @@ def python_blocks(page: str) -> list[str]:
 
 
 @pytest.mark.parametrize(("page", "marker"), RUNNABLE)
-def test_example_runs(page, marker, capsys):
+def test_example_runs(page, marker, capsys, monkeypatch):
+    isolate_problem_registry(monkeypatch)
     blocks = [b for b in python_blocks(page) if marker in b]
     assert len(blocks) == 1, f"{page}: expected one block containing {marker!r}"
     exec(compile(blocks[0], f"{page}:example", "exec"), {})
@@ -31,12 +33,20 @@ def test_example_runs(page, marker, capsys):
     assert "rel_l2" in out
 
 
+def test_inverse_page_runs(capsys):
+    """inverse.md: the activity engine recovers the diffusivity a* = 2 from a = 0.5."""
+    (example,) = [b for b in python_blocks("inverse.md") if "TrainCoefficients(" in b]
+    exec(compile(example, "inverse.md:example", "exec"), {})
+    lines = dict(line.split(" ", 1) for line in capsys.readouterr().out.splitlines())
+    assert abs(float(lines["a"]) - 2.0) < 0.2 and float(lines["rel_l2"]) < 0.1
+
+
 def test_own_pde_page_runs(tmp_path, monkeypatch, capsys):
     """problems.md: its problem file saved as my_problem.py, then its Python example run."""
     isolate_problem_registry(monkeypatch)
     blocks = python_blocks("problems.md")
     (problem,) = [b for b in blocks if "def poisson_sine" in b]
-    (script,) = [b for b in blocks if "sdze.register_problem" in b]
+    (script,) = [b for b in blocks if "sdze.register_problem" in b and "def loss" not in b]
     (tmp_path / "my_problem.py").write_text(problem)
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))

@@ -51,11 +51,10 @@ from sdze_core.activity import ACTIVITY_OPTIMIZERS, ActivityPerturbation
 from sdze_core.engine import SDZE
 from sdze_core.keys import fold_in, key
 from sdze_core.models import INIT_SCHEMES
-from sdze_core.objectives import ResidualLoss
 from sdze_core.optimizers import constant, cosine_decay, linear_decay, zo_adam, zo_sgd
 from sdze_core.oracles import SparseLaplacian
 from sdze_core.perturbers import CRNSPerturber
-from sdze_core.problem_protocol import has_exact, reaction_of, reference_of
+from sdze_core.problem_protocol import has_exact, loss_of, reference_of
 from sdze_core.problem_registry import canonical_problem, problem_label
 from sdze_core.problems import (
     EQUATIONS,
@@ -159,7 +158,7 @@ class SolverConfig:
         c.problem = canonical_problem(c.problem)
         if c.method not in METHODS:
             raise ValueError(f"unknown method {c.method!r}; known: {', '.join(METHODS)}")
-        benchmark = PROBLEMS.get(c.problem)  # a ball or annulus benchmark (problems.Problem)
+        benchmark = PROBLEMS.get(c.problem)  # STDE's suite; other built-ins are like user problems
         arity = SOLUTIONS[benchmark[1]].arity if benchmark else 1
         c.dim = count("dim", c.dim, minimum=arity)
         if c.perturbation is None:
@@ -348,7 +347,7 @@ class Run:
     backend: Any
     problem: Any
     model: Any
-    loss: ResidualLoss
+    loss: Any  # ResidualLoss, or the problem's own loss (WeightedLoss, ...)
     method: Any
     test: TestSet | ReferenceSet | TestSets | None
 
@@ -373,19 +372,16 @@ def build(config: SolverConfig, backend=None) -> Run:
                 )
         problem = make_problem(config.problem, config.dim, seed=config.seed, backend=backend)
         model = problem.model(config.width, config.depth, config.activation)
-    loss = ResidualLoss(
-        model,
-        problem.oracle(config.num_directions),
-        reaction_of(problem),
-        lambda k: problem.sample_domain(k, config.batch_size),
-        unbiased=config.unbiased,
-        forcing=getattr(problem, "forcing", None),
+    loss = loss_of(
+        problem, model, num_directions=config.num_directions,
+        batch_size=config.batch_size, unbiased=config.unbiased,
     )
     if config.method == "sdgd":
-        if not isinstance(loss.oracle, SparseLaplacian):
+        if not isinstance(getattr(loss, "oracle", None), SparseLaplacian):
             raise ValueError(
                 f"sdgd estimates Laplacians only; the operator of {config.problem!r} is not Δ "
-                f"(its oracle is a {type(loss.oracle).__name__}; use first-order)"
+                f"(its loss is a {type(loss).__name__} with oracle "
+                f"{type(getattr(loss, 'oracle', None)).__name__}; use first-order)"
             )
         from sdze_core.oracles import NestedAutodiffLaplacian
 

@@ -46,7 +46,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import array_api_compat
 from array_api_compat import array_namespace
@@ -128,7 +128,8 @@ class _Call(NamedTuple):
     input coefficients, and the shapes of the ζ drawn per slot (None: not drawn)."""
 
     key: Key
-    inputs: tuple  # per layer: ("index", x, j) for the first layer along e_j, else a Jet
+    inputs: tuple  # per layer: ("index", x, j) for the first layer along e_j (j an index
+    # array or SparseDirections), else a Jet
     zeta_shapes: tuple  # per perturbed layer: tuple of shapes or None per slot
     points: int  # id() of the points x: calls on the same points share their losses
     batch: int
@@ -176,6 +177,9 @@ class ActivityPerturbedNetwork:
     layers: tuple
     calls: list = field(default_factory=list)
 
+    #: :meth:`jet` takes :class:`~sdze_core.jets.SparseDirections` (gathered columns).
+    sparse_directions: ClassVar[bool] = True
+
     @property
     def sizes(self):
         return self.network.sizes
@@ -206,10 +210,10 @@ class ActivityPerturbedNetwork:
         xp = array_namespace(x)
         batch = x.shape[0]
         first = params[0]
-        if _is_index_array(directions):
+        if isinstance(directions, jets.SparseDirections) or _is_index_array(directions):
             W = first["W"]
             primal = _matmul(x, xp.matrix_transpose(W)) + first["b"]
-            pre = [jets.coordinate_jet(primal, xp.take(W, directions, axis=1), order, collapse)]
+            pre = [jets.coordinate_jet(primal, _gather(W, directions), order, collapse)]
             inputs = [("index", x, directions)]
         else:
             h = jets.input_jet(x, directions, order, collapse)
@@ -234,6 +238,27 @@ class ActivityPerturbedNetwork:
         self.calls.append(_Call(call_key, tuple(inputs), tuple(shapes), id(x), batch))
         out = _concat_queries(outputs)
         return jets.linear_map(out, lambda y, is_primal: net._squeeze(y))
+
+
+def _gather(W, directions):
+    """W[:, j] for index directions j, Σ_j w_j W[:, i_j] for sparse ones: (m, V)."""
+    xp = array_namespace(W)
+    if not isinstance(directions, jets.SparseDirections):
+        return xp.take(W, directions, axis=1)
+    gathered = xp.take(W, xp.reshape(directions.index, (-1,)), axis=1)
+    return jets.combine_columns(gathered, directions.weights)
+
+
+def _spread_columns(directions, cols):
+    """(index, columns) of Σ_v c_v ⊗ v: for sparse v = Σ_j w_j e_{i_j}, the columns
+    w_j c_v at the flattened i_j, (m, V k); index directions are returned as they are."""
+    if not isinstance(directions, jets.SparseDirections):
+        return directions, cols
+    xp = array_namespace(cols)
+    index, weights = directions
+    m, (V, k) = cols.shape[0], weights.shape
+    spread = xp.expand_dims(cols, axis=-1) * xp.astype(weights, cols.dtype)
+    return xp.reshape(index, (-1,)), xp.reshape(spread, (m, V * k))
 
 
 def _with_query_axis(jet: jets.Jet, zeta, scales) -> jets.Jet:
@@ -915,6 +940,7 @@ def _layer_gradient(calls, params, layer: int, position: int, g_all) -> LayerGra
             right.append(x)
             if len(weighted) > 1 and weighted[1] is not None:
                 cols = xp.matrix_transpose(xp.sum(weighted[1], axis=1))  # (m, V)
+                j, cols = _spread_columns(j, cols)
                 index = j if index is None else xp.concat([index, j])
                 columns = cols if columns is None else xp.concat([columns, cols], axis=1)
             continue

@@ -10,9 +10,10 @@ A domain Ω knows how to
   ``boundary_factor(x_jet)`` (docs/method.md#jets), so that it enters
   Taylor-mode estimators like any other part of the model;
 * offer the closed forms it has (the radial profile p of φ = p(‖x‖²), Δφ,
-  Δ²φ). A domain asked for a closed form it does not have raises
-  :class:`MissingClosedFormError`, naming itself and the form: it never
-  computes another domain's formula.
+  Δ²φ, and L(φ s) for the operators of :data:`PRODUCT_OPERATORS`, which the
+  benchmarks' forcing needs). A domain asked for a closed form it does not
+  have raises :class:`MissingClosedFormError`, naming itself and the form: it
+  never computes another domain's formula.
 
 Every factor is scaled so that max_Ω φ = 1 (docs/domains.md, "Scale of the
 factors"). ``dim`` is the dimension d of the space; a :class:`SpaceTime`
@@ -55,6 +56,8 @@ __all__ = [
     "make_domain",
     "MissingClosedFormError",
     "NoBoundaryError",
+    "PRODUCT_OPERATORS",
+    "product_closed_forms",
 ]
 
 
@@ -68,6 +71,23 @@ class NoBoundaryError(ValueError):
 
 def _missing(domain, what: str) -> MissingClosedFormError:
     return MissingClosedFormError(f"{domain!r} has no closed form for {what}")
+
+
+#: Operators L for which a domain may offer L(φ s) in closed form (:meth:`Domain.factor_product`),
+#: each with the contractions of the derivatives of s it reads, by key: "s" (s), "x_grad"
+#: (x·∇s), "lap" (Δs), "x_hess_x" (xᵀ(∇²s)x), "x_grad_lap" (x·∇Δs), "bilap" (Δ²s).
+PRODUCT_OPERATORS: dict[str, tuple[str, ...]] = {
+    "laplacian": ("s", "x_grad", "lap"),
+    "biharmonic": ("s", "x_grad", "lap", "x_hess_x", "x_grad_lap", "bilap"),
+}
+
+
+def _check_operator(operator) -> str:
+    if operator not in PRODUCT_OPERATORS:
+        raise ValueError(
+            f"operator must be one of {', '.join(PRODUCT_OPERATORS)}, got {operator!r}"
+        )
+    return operator
 
 
 def _positive_int(value, what: str) -> int:
@@ -200,6 +220,38 @@ class Domain(ABC):
         """Δ²φ(x), shape (B,)."""
         raise _missing(self, "the biharmonic Δ²φ of its boundary factor")
 
+    #: The operators (keys of :data:`PRODUCT_OPERATORS`) :meth:`factor_product` has.
+    product_operators: ClassVar[tuple[str, ...]] = ()
+
+    def factor_product(self, operator: str, x, sums: dict) -> tuple:
+        """(φ s, L(φ s)) at x, in closed form from contractions of the derivatives of s.
+
+        The exact solution and forcing of a manufactured solution u* = φ s
+        (docs/domains.md#closed-forms).
+
+        Parameters
+        ----------
+        operator : {"laplacian", "biharmonic"}
+            L = Δ or Δ² (:data:`PRODUCT_OPERATORS`).
+        x : array, shape (B, n)
+        sums : dict
+            The contractions ``PRODUCT_OPERATORS[operator]`` of s at x, each shape (B,).
+
+        Raises
+        ------
+        MissingClosedFormError
+            If the domain has no such closed form (``operator`` not in
+            :attr:`product_operators`).
+        """
+        _check_operator(operator)
+        offered = ", ".join(self.product_operators) or "none"
+        raise _missing(self, f"the {operator} of φ s (it offers: {offered})")
+
+
+def product_closed_forms() -> dict[str, tuple[str, ...]]:
+    """The operators L with a closed-form L(φ s), by registered domain name (:data:`DOMAINS`)."""
+    return {name: cls.product_operators for name, cls in DOMAINS.items()}
+
 
 # -- radial domains -------------------------------------------------------------------------
 
@@ -214,7 +266,17 @@ class _RadialDomain(Domain):
 
         Δφ  = 2d p' + 4ρ p'',
         Δ²φ = 4d(d + 2) p'' + 16(d + 2) ρ p''' + 16 ρ² p''''.
+
+    With ∇φ = 2p' x, ∇²φ = 2p' I + 4p'' xxᵀ and ∇Δφ = 2q x,
+    q = (2d + 4) p'' + 4ρ p''', Leibniz's rule gives L(φ s) for any s from
+    the contractions of :data:`PRODUCT_OPERATORS`:
+
+        Δ(φ s)  = Δφ s + 4p' x·∇s + p Δs,
+        Δ²(φ s) = Δ²φ s + 8q x·∇s + (2Δφ + 8p') Δs + 16p'' xᵀ(∇²s)x
+                  + 8p' x·∇Δs + p Δ²s.
     """
+
+    product_operators: ClassVar[tuple[str, ...]] = ("laplacian", "biharmonic")
 
     def boundary_factor(self, x_jet):
         rho = jets.squared_norm(x_jet)
@@ -236,6 +298,30 @@ class _RadialDomain(Domain):
         d = x.shape[-1]
         p = _zeros_as_none(self.radial_profile(rho, 4), rho)
         return 4 * d * (d + 2) * p[2] + 16 * (d + 2) * rho * p[3] + 16 * rho * rho * p[4]
+
+    def factor(self, x):
+        """φ(x) = p(‖x‖²), shape (B,): one row-wise dot product per point, no jet."""
+        return self.radial_profile(jets.rowwise_squared_norm(x), 0)[0]
+
+    def factor_product(self, operator, x, sums):
+        order = 2 if _check_operator(operator) == "laplacian" else 4
+        rho = jets.rowwise_squared_norm(x)
+        d = x.shape[-1]
+        p = _zeros_as_none(self.radial_profile(rho, order), rho)
+        s, x_grad, lap = sums["s"], sums["x_grad"], sums["lap"]
+        lap_factor = 2 * d * p[1] + 4 * rho * p[2]
+        if order == 2:
+            return p[0] * s, lap_factor * s + 4 * p[1] * x_grad + p[0] * lap
+        bilap_factor = 4 * d * (d + 2) * p[2] + 16 * (d + 2) * rho * p[3] + 16 * rho * rho * p[4]
+        q = (2 * d + 4) * p[2] + 4 * rho * p[3]
+        return p[0] * s, (
+            bilap_factor * s
+            + 8 * q * x_grad
+            + (2 * lap_factor + 8 * p[1]) * lap
+            + 16 * p[2] * sums["x_hess_x"]
+            + 8 * p[1] * sums["x_grad_lap"]
+            + p[0] * sums["bilap"]
+        )
 
     def contains(self, x, atol=0.0):
         r = array_namespace(x).sqrt(jets.rowwise_squared_norm(x))

@@ -147,11 +147,20 @@ class FirstOrderAdam:
             If the loss is finite but the gradient or the learning rate is not:
             nothing is applied, as above.
         """
-        t = state.step
         spatial_key, _ = self.step_keys(state)
         xi = loss.sample(spatial_key)
         value, grads = backend_of(params[0]["W"]).value_and_grad(loss)(params, xi)
-        value = float(value)
+        return self.apply_gradient(params, grads, state, float(value))
+
+    def apply_gradient(self, params, grads, state: FirstOrderState, value: float):
+        """The Adam update of :meth:`step` from a gradient ``grads`` (shaped like
+        ``params``) of the step's loss, whose value is ``value``: ``(params, state, info)``.
+
+        For a caller that takes the gradient itself, e.g. together with that of
+        other variables (:class:`~sdze_core.coefficients.TrainCoefficients`). Raises
+        as :meth:`step` does.
+        """
+        t = state.step
         if not math.isfinite(value):
             raise NonFiniteLossError(
                 f"step {t}: the loss is not finite ({value}); the step was not applied (the "

@@ -44,6 +44,8 @@ __all__ = [
     "affine",
     "coordinate_jet",
     "coordinate_affine",
+    "SparseDirections",
+    "combine_columns",
     "compose",
     "derivatives",
     "elementwise",
@@ -64,6 +66,7 @@ __all__ = [
     "squared_norm",
     "rowwise_squared_norm",
     "coordinate_squared_norm",
+    "sparse_squared_norm",
 ]
 
 
@@ -244,6 +247,68 @@ def coordinate_affine(x, W, b, index, order: int, collapse: bool = False) -> Jet
     if b is not None:
         primal = primal + b
     return coordinate_jet(primal, xp.take(W, index, axis=1), order, collapse)
+
+
+class SparseDirections(NamedTuple):
+    """k-sparse directions v_m = Σ_{j<k} w_{mj} e_{i_{mj}}, m = 1..V (docs/method.md#jets).
+
+    Coordinate directions (k = 1, w = 1) and the polarization directions
+    e_i ± e_k (k = 2, w = (1, ±1)) are the common cases. A first layer meets
+    them by gathering columns, W v_m = Σ_j w_{mj} W[:, i_{mj}]
+    (:func:`combine_columns`): O(h V k) work, no (V, d) array. A NamedTuple,
+    hence a JAX pytree.
+
+    Attributes
+    ----------
+    index : integer array, shape (V, k)
+        The coordinates i_{mj} of each direction (repeats allowed: they add).
+    weights : float array, shape (V, k)
+        Their coefficients w_{mj}.
+    """
+
+    index: Any
+    weights: Any
+
+    def dense(self, d: int):
+        """The (V, d) array of the directions (O(V d) memory: for references and fallbacks)."""
+        xp = array_namespace(self.index, self.weights)
+        coords = xp.arange(d, dtype=self.index.dtype, device=device(self.index))
+        one_hot = xp.astype(xp.expand_dims(self.index, axis=-1) == coords, self.weights.dtype)
+        return xp.sum(one_hot * xp.expand_dims(self.weights, axis=-1), axis=-2)
+
+
+def check_sparse_directions(directions: SparseDirections) -> SparseDirections:
+    """``directions`` if its index is integral and both arrays have one shape (V, k)."""
+    index, weights = directions
+    xp = array_namespace(index, weights)
+    if not xp.isdtype(index.dtype, "integral"):
+        raise TypeError(f"SparseDirections.index must be an integer array, got {index.dtype}")
+    if index.ndim != 2 or tuple(index.shape) != tuple(weights.shape):
+        raise ValueError(
+            "SparseDirections needs index and weights of one shape (V, k), got "
+            f"{tuple(index.shape)} and {tuple(weights.shape)}"
+        )
+    return directions
+
+
+def combine_columns(gathered, weights):
+    """W v_m = Σ_j w_{mj} W[:, i_{mj}] from the gathered columns of the flattened index.
+
+    Parameters
+    ----------
+    gathered : array, shape (*lead, out, V k)
+        W[:, index.reshape(-1)] (with a layer map's leading query axes, if any).
+    weights : array, shape (V, k)
+
+    Returns
+    -------
+    array, shape (*lead, out, V)
+        The columns for :func:`coordinate_jet`.
+    """
+    xp = array_namespace(gathered, weights)
+    V, k = weights.shape
+    lead = tuple(gathered.shape[:-1])
+    return xp.sum(xp.reshape(gathered, (*lead, V, k)) * weights, axis=-1)
 
 
 # -- elementwise functions: Faà di Bruno ----------------------------------------
@@ -687,5 +752,33 @@ def coordinate_squared_norm(x, index, order: int, collapse: bool = False) -> Jet
     coeffs = [first]
     if order >= 2:
         coeffs.append(xp.full((index.shape[0], 1), 2.0, dtype=x.dtype, device=device(x)))
+    coeffs += [None] * (order - len(coeffs))
+    return _collapse_if(Jet(primal, tuple(coeffs)), collapse)
+
+
+def sparse_squared_norm(x, directions: SparseDirections, order: int, collapse: bool = False):
+    """Jet of ‖x‖^2 along k-sparse directions v_m = Σ_j w_{mj} e_{i_{mj}}.
+
+    ‖x + t v‖^2 = ‖x‖^2 + 2 t ⟨x, v⟩ + t^2 ‖v‖^2, with
+    ⟨x, v_m⟩ = Σ_j w_{mj} x_{i_{mj}} (k gathers) and
+    ‖v_m‖^2 = Σ_{j,l} w_{mj} w_{ml} [i_{mj} = i_{ml}]: O(V k^2 + B V k), no d-sized work.
+
+    Returns
+    -------
+    Jet
+        primal (B,), coefficients (V, B), (V, 1), then ``None``.
+    """
+    index, weights = directions
+    xp = array_namespace(x, weights)
+    order = _check_order(order)
+    V, k = weights.shape
+    primal = rowwise_squared_norm(x)
+    picked = xp.reshape(xp.take(x, xp.reshape(index, (-1,)), axis=1), (x.shape[0], V, k))
+    first = 2 * xp.permute_dims(xp.sum(picked * weights, axis=-1), (1, 0))
+    coeffs = [first]
+    if order >= 2:
+        same = xp.astype(xp.expand_dims(index, axis=-1) == xp.expand_dims(index, axis=-2), x.dtype)
+        outer = xp.expand_dims(weights, axis=-1) * xp.expand_dims(weights, axis=-2)
+        coeffs.append(2 * xp.reshape(xp.sum(same * outer, axis=(-2, -1)), (V, 1)))
     coeffs += [None] * (order - len(coeffs))
     return _collapse_if(Jet(primal, tuple(coeffs)), collapse)

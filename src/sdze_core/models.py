@@ -9,9 +9,11 @@ per layer, arrays of the backend. Every model offers
   the output along directions (docs/method.md#jets), from which the
   estimators of docs/method.md#oracles are built.
 
-``directions`` is either an integer index array j of shape (V,) (coordinate
-directions e_j: the first layer gathers W[:, j], O(h V) work whatever d is) or
-a float array of shape (V, d) or (V, B, d) (dense directions).
+``directions`` is an integer index array j of shape (V,) (coordinate
+directions e_j: the first layer gathers W[:, j], O(h V) work whatever d is),
+a :class:`~sdze_core.jets.SparseDirections` (k-sparse directions
+Σ_j w_j e_{i_j}: the first layer gathers and weights k columns each, O(h V k)),
+or a float array of shape (V, d) or (V, B, d) (dense directions).
 
 The perturbation belongs to the model (docs/sdze.md, "The perturbation
 belongs to the model"). An MLP computes each layer's affine map through a
@@ -35,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from math import sqrt
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from array_api_compat import array_namespace
 
@@ -76,7 +78,8 @@ class LayerMap(Protocol):
 
     def columns(self, layer_index: int, layer_params: dict, index):
         """(W + ΔW)[:, index], shape (out, V) (or (Q, out, V)): the first layer's
-        jet tangents along the coordinate directions e_j, j = ``index``, by a gather."""
+        jet tangents along the coordinate directions e_j, j = ``index``, by a gather
+        (k-sparse directions gather their V k columns here, then weight them)."""
 
 
 class PlainLayers:
@@ -102,6 +105,20 @@ def _is_index_array(directions) -> bool:
     return xp.isdtype(directions.dtype, "integral")
 
 
+def _is_gathered(directions) -> bool:
+    """Whether the first layer meets ``directions`` by a column gather (index or sparse)."""
+    return isinstance(directions, jets.SparseDirections) or _is_index_array(directions)
+
+
+def _first_columns(columns, layer_params: dict, directions):
+    """The first layer's tangents (out, V) (or (Q, out, V)) along index or sparse directions."""
+    if not isinstance(directions, jets.SparseDirections):
+        return columns(0, layer_params, directions)
+    xp = array_namespace(directions.index)
+    gathered = columns(0, layer_params, xp.reshape(directions.index, (-1,)))
+    return jets.combine_columns(gathered, directions.weights)
+
+
 def conform(params: Params, x, directions=None) -> tuple:
     """``(x, directions)`` ready to meet ``params``: the one dispatch rule of sdze.
 
@@ -115,6 +132,8 @@ def conform(params: Params, x, directions=None) -> tuple:
       floating dtype, and so are float directions (index directions are kept).
       The parameters' dtype is the model's precision: float64 points with
       float32 parameters compute in float32.
+    * :class:`~sdze_core.jets.SparseDirections` follow the same rules: the
+      index is kept, the weights are cast.
 
     Parameters that are not sdze's (no ``params[0]["W"]``, e.g. ``None`` for a
     model with none) leave the inputs as they are: such a model keeps its own rules.
@@ -128,6 +147,11 @@ def conform(params: Params, x, directions=None) -> tuple:
 
 def conform_to(reference, x, directions=None, owner: str = "params") -> tuple:
     """:func:`conform` against one array ``reference`` (named ``owner`` in the error)."""
+    if isinstance(directions, jets.SparseDirections):
+        index, weights = jets.check_sparse_directions(directions)
+        x, index = conform_to(reference, x, index, owner)
+        _, weights = conform_to(reference, x, weights, owner)
+        return x, jets.SparseDirections(index, weights)
     if type(x) is not type(reference) or (
         directions is not None and type(directions) is not type(reference)
     ):
@@ -164,6 +188,10 @@ class MLP:
     sizes: tuple[int, ...]
     activation: str = "tanh"
     init_scheme: str = "glorot"
+
+    #: :meth:`jet` takes :class:`~sdze_core.jets.SparseDirections` (oracles read
+    #: this, and build dense directions for models without it).
+    sparse_directions: ClassVar[bool] = True
 
     def __post_init__(self):
         sizes = tuple(int(s) for s in self.sizes)
@@ -230,9 +258,11 @@ class MLP:
             As returned by :meth:`init`.
         x : array, shape (B, d)
             Points.
-        directions : array
+        directions : array or SparseDirections
             Integer indices j of shape (V,): coordinate directions e_j, whose
-            first layer is the gather W[:, j] (no one-hot is formed); or float
+            first layer is the gather W[:, j] (no one-hot is formed);
+            :class:`~sdze_core.jets.SparseDirections` v = Σ_j w_j e_{i_j},
+            whose first layer is Σ_j w_j W[:, i_j] (k gathers each); or float
             directions of shape (V, d) or (V, B, d).
         order : int
             K >= 1.
@@ -266,17 +296,16 @@ class MLP:
         ``layers``."""
         self._check(params, x)
         x, directions = conform(params, x, directions)
-        if _is_index_array(directions):
+        if _is_gathered(directions):
             columns = getattr(layers, "columns", None)
             if columns is None:
                 raise TypeError(
-                    "a layer map used with coordinate directions needs a "
+                    "a layer map used with coordinate or sparse directions needs a "
                     "columns(layer_index, layer_params, index) method giving (out, V) columns"
                 )
             first = params[0]
-            h = jets.coordinate_jet(
-                layers.affine(0, first, x, True), columns(0, first, directions), order, collapse
-            )
+            tangents = _first_columns(columns, first, directions)
+            h = jets.coordinate_jet(layers.affine(0, first, x, True), tangents, order, collapse)
         else:
             h = jets.input_jet(x, directions, order, collapse)
             h = jets.linear_map(h, partial(layers.affine, 0, params[0]))
@@ -303,6 +332,8 @@ class LayerMapNetwork:
 
     network: MLP
     layer_map: LayerMap
+
+    sparse_directions: ClassVar[bool] = True
 
     @property
     def sizes(self) -> tuple[int, ...]:
@@ -378,7 +409,8 @@ class Ansatz:
 
     The jet is the product rule (u)_k = Σ_j C(k, j) g_j N_{k-j} on the jets of
     g and N; along coordinate directions the jet of ‖x‖² is
-    (‖x‖², 2 x_j, 2, 0, ...), one gather per direction.
+    (‖x‖², 2 x_j, 2, 0, ...), one gather per direction (along sparse ones
+    (‖x‖², 2 ⟨x, v⟩, 2 ‖v‖², 0, ...), k gathers).
 
     Parameters
     ----------
@@ -390,6 +422,11 @@ class Ansatz:
 
     network: MLP
     boundary: str = "ball"
+
+    @property
+    def sparse_directions(self) -> bool:
+        """Whether :meth:`jet` takes sparse directions: when the network's does."""
+        return getattr(self.network, "sparse_directions", False)
 
     def __post_init__(self):
         if self.boundary not in BOUNDARIES:
@@ -420,7 +457,9 @@ class Ansatz:
         """Jet of u = g N along each direction; arguments as :meth:`MLP.jet`."""
         x, directions = conform(params, x, directions)
         net = self.network.jet(params, x, directions, order, collapse)
-        if _is_index_array(directions):
+        if isinstance(directions, jets.SparseDirections):
+            norm2 = jets.sparse_squared_norm(x, directions, order)
+        elif _is_index_array(directions):
             norm2 = jets.coordinate_squared_norm(x, directions, order)
         else:
             norm2 = jets.squared_norm(jets.input_jet(x, directions, order))

@@ -13,7 +13,11 @@ oracle that adds them:
 * :class:`MixedPartial`: ∂^k u/∂x_{i_1}…∂x_{i_k} (k <= 4), exactly, by
   polarization from k-jets along signed sums of coordinate directions;
 * :class:`LinearCombination`: Σ_j a_j L_j u, each term's randomness drawn
-  from its own key.
+  from its own key;
+* :class:`PartialPowerSum`: Σ_{i ∈ S} |∂u/∂x_i|^c (HJB-LIN's Hamiltonian),
+  exact or sampled within S;
+* :class:`Convection`: u ∂u/∂x_j (Burgers' and KdV's u u_x), exactly, from
+  one 1-jet.
 
 The first-order, trace, diagonal and biharmonic operators of
 :mod:`sdze_core.oracles` are terms too. Like every oracle, these never see a
@@ -32,9 +36,18 @@ from typing import Any, ClassVar
 
 from array_api_compat import array_namespace, device
 
+from .jets import SparseDirections
 from .keys import fold_in
 from .models import conform
-from .oracles import OperatorEstimate, Oracle, _check_count, _coefficients, _dimension, _top_sum
+from .oracles import (
+    OperatorEstimate,
+    Oracle,
+    _check_count,
+    _coefficients,
+    _dimension,
+    _sparse_for,
+    _top_sum,
+)
 from .registry import backend_of, check_one_library
 
 __all__ = [
@@ -44,6 +57,8 @@ __all__ = [
     "GradientNormPower",
     "MixedPartial",
     "LinearCombination",
+    "PartialPowerSum",
+    "Convection",
     "polarization_weights",
     "MAX_MIXED_ORDER",
 ]
@@ -291,9 +306,10 @@ class MixedPartial(Oracle):
         ∂^k u/∂x_{i_1}⋯∂x_{i_k} = 1 / (2^(k−1) k!) Σ_{ε_1 = +1, ε_2..ε_k = ±1}
                                     ε_2 ⋯ ε_k D^k u[e_{i_1} + ε_2 e_{i_2} + ⋯ + ε_k e_{i_k}].
 
-    2^(k−1) k-jets along dense directions (d-vectors with at most k nonzero
-    entries, built densely: O(2^(k−1) h d) in the first layer). Indices may
-    repeat (``(0, 0, 1)`` is ∂³u/∂x_0²∂x_1). Deterministic.
+    2^(k−1) k-jets along k-sparse directions
+    (:class:`~sdze_core.jets.SparseDirections`: the first layer gathers k
+    columns each, O(2^(k−1) h k), whatever d is). Indices may repeat
+    (``(0, 0, 1)`` is ∂³u/∂x_0²∂x_1). Deterministic.
 
     Parameters
     ----------
@@ -322,21 +338,20 @@ class MixedPartial(Oracle):
         return None
 
     def _directions(self, x):
-        """(2^(k−1), d) directions Σ_j ε_j e_{i_j} and their weights (2^(k−1),)."""
-        xp = array_namespace(x)
+        """The 2^(k−1) k-sparse directions Σ_j ε_j e_{i_j} and their weights (2^(k−1),)."""
+        b = backend_of(x)
         index = _resolve("index", self.index, _dimension(x))
-        coords = xp.arange(x.shape[1], device=device(x))
-        unit = [xp.astype(coords == i, x.dtype) for i in index]
         pairs = polarization_weights(len(index))
-        directions = xp.stack([sum(e * u for e, u in zip(s, unit, strict=True)) for s, _ in pairs])
-        weights = xp.asarray([w for _, w in pairs], dtype=x.dtype, device=device(x))
-        return directions, weights
+        signs = b.xp.asarray([s for s, _ in pairs], dtype=x.dtype, device=device(x))
+        rows = b.asarray([index] * len(pairs), dtype=b.index_dtype)
+        weights = b.xp.asarray([w for _, w in pairs], dtype=x.dtype, device=device(x))
+        return SparseDirections(rows, signs), weights
 
     def estimate(self, model, params, x, sample=None) -> OperatorEstimate:
         x, _ = conform(params, x)
         xp = array_namespace(x)
         directions, weights = self._directions(x)
-        jet = model.jet(params, x, directions, self.order)
+        jet = model.jet(params, x, _sparse_for(model, x, directions), self.order)
         top = _coefficients(jet, self.order, weights.shape[0])
         weights = xp.reshape(weights, (weights.shape[0],) + (1,) * (top.ndim - 1))
         return OperatorEstimate(jet.primal, xp.sum(weights * top, axis=0))
@@ -409,3 +424,110 @@ class LinearCombination(Oracle):
             term = a * estimate.value
             u, value = (estimate.u, term) if u is None else (u, value + term)
         return OperatorEstimate(u, value)
+
+
+# -- per-coordinate powers and convection ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PartialPowerSum(Oracle):
+    """Σ_{i ∈ S} |∂u/∂x_i|^c over a subset S of the coordinates, exact or sampled.
+
+    With ``num_directions=None`` the value is exact, from |S| 1-jets along
+    the coordinates of S (gathers). With V = ``num_directions``::
+
+        (|S| / V) Σ_{v=1..V} |∂u/∂x_{j_v}|^c,   j_1, ..., j_V uniform on S without replacement,
+
+    unbiased for every c > 0, since the sum is linear in the per-coordinate
+    terms |u_i|^c and each j_v is marginally uniform on S (unlike
+    :class:`GradientNormPower`'s ‖∇u‖^c = (Σ_i u_i²)^(c/2), a power of a sum).
+    Variance |S|² σ² (|S| − V) / (V (|S| − 1)), σ² the population variance of
+    the |S| terms, zero at V = |S|. Cost O(h V) per point.
+
+    E.g. HJB-LIN's (1/d) Σ_i |∂u/∂x_i|^c over the space coordinates of u(x, t),
+    x ∈ R^d: ``(1 / d) * PartialPowerSum(c, range(d), V)`` as a
+    :class:`LinearCombination` term. For c <= 1 the term is not
+    differentiable in θ where a u_i vanishes.
+
+    Parameters
+    ----------
+    c : float
+        The power, > 0.
+    coordinates : sequence of int or None
+        The distinct coordinates S (negative ones count from the end);
+        ``None``: all d.
+    num_directions : int or None
+        V <= |S| sampled coordinates, shared by the batch; ``None``: exact.
+    """
+
+    c: float = 2.0
+    coordinates: Sequence[int] | None = None
+    num_directions: int | None = None
+
+    order: ClassVar[int] = 1
+
+    def __post_init__(self):
+        if isinstance(self.c, bool) or not isinstance(self.c, Real) or not self.c > 0:
+            raise ValueError(f"c must be a positive real number, got {self.c!r}")
+        if self.coordinates is not None:
+            object.__setattr__(self, "coordinates", _distinct("coordinates", self.coordinates))
+        _check_count("num_directions", self.num_directions, allow_none=True)
+
+    def sample(self, key, x):
+        """V coordinates of S (index array (V,)), or ``None`` when exact."""
+        subset = _subset_array(self.coordinates, x)
+        if self.num_directions is None:
+            return None
+        if self.num_directions > subset.shape[0]:
+            raise ValueError(
+                f"num_directions must be at most |coordinates| = {subset.shape[0]} (sampled "
+                f"without replacement; None is exact), got {self.num_directions}"
+            )
+        chosen = backend_of(x).choice(key, subset.shape[0], self.num_directions)
+        return array_namespace(subset).take(subset, chosen, axis=0)
+
+    def estimate(self, model, params, x, sample) -> OperatorEstimate:
+        subset = _subset_array(self.coordinates, x)
+        index = subset if sample is None else sample
+        jet = model.jet(params, x, index, 1)
+        first = _coefficients(jet, 1, index.shape[0])
+        xp = array_namespace(x)
+        total = xp.sum(xp.abs(first) ** self.c, axis=0)
+        return OperatorEstimate(jet.primal, (subset.shape[0] / index.shape[0]) * total)
+
+
+@dataclass(frozen=True)
+class Convection(Oracle):
+    """u ∂u/∂x_j = ½ ∂(u²)/∂x_j exactly, from one 1-jet along e_j (a gather).
+
+    The jet of u along x + s e_j carries u itself (its primal) and ∂u/∂x_j
+    (its first coefficient), so the product costs one 1-jet per point. The
+    term is nonlinear in u, but it is an operator of the model like any
+    other: a :class:`LinearCombination` term (KdV's u_t + u u_x + ν u_xxx),
+    and a perturbed model's query axes broadcast through the product.
+    Deterministic.
+
+    Parameters
+    ----------
+    index : int
+        The coordinate j (negative counts from the end).
+    """
+
+    index: int
+
+    order: ClassVar[int] = 1
+
+    def __post_init__(self):
+        if isinstance(self.index, bool) or not isinstance(self.index, int):
+            raise ValueError(f"index must be an int, got {self.index!r}")
+
+    def sample(self, key, x):
+        """``None``: nothing is random (the key is not used)."""
+        _resolve("index", (self.index,), _dimension(x))
+        return None
+
+    def estimate(self, model, params, x, sample=None) -> OperatorEstimate:
+        b = backend_of(x)
+        (j,) = _resolve("index", (self.index,), _dimension(x))
+        jet = model.jet(params, x, b.asarray([j], dtype=b.index_dtype), 1)
+        return OperatorEstimate(jet.primal, jet.primal * _coefficients(jet, 1, 1)[0, ...])

@@ -43,6 +43,7 @@ from typing import Any, ClassVar, NamedTuple
 
 from array_api_compat import array_namespace, device
 
+from .jets import SparseDirections
 from .keys import split
 from .models import conform
 from .registry import backend_of, check_one_library
@@ -228,22 +229,52 @@ def _decode_pairs(codes, d: int):
     return i, k
 
 
-def _pair_polarization_sum(model, params, x, i, k, collapse):
-    """Σ_p (D⁴u[e_{i_p} + e_{k_p}] + D⁴u[e_{i_p} − e_{k_p}]), shape (B,).
+def _pair_directions(x, i, k, kinds):
+    """2-sparse directions for the pairs (i_p, k_p), kind by kind: for each w in
+    ``kinds`` (a tuple of weight pairs) the P directions w_0 e_{i_p} + w_1 e_{k_p}."""
+    xp = array_namespace(x)
+    P = i.shape[0]
+    pair = xp.stack([i, k], axis=1)
+    index = xp.concat([pair] * len(kinds), axis=0)
+    rows = xp.asarray(kinds, dtype=x.dtype, device=device(x))
+    weights = xp.reshape(xp.broadcast_to(xp.expand_dims(rows, axis=1), (len(kinds), P, 2)), (-1, 2))
+    return SparseDirections(index, weights)
 
-    Dense fallback: ``model.jet`` takes coordinate directions (integer
-    indices) but no 2-sparse ones, so e_i ± e_k are built as a (2P, d)
-    array: O(P d) memory and O(P d h) work in the first layer. With 2-sparse
-    directions the first layer would be the gather W[:, i] ± W[:, k], O(h P).
+
+def _sparse_for(model, x, directions: SparseDirections):
+    """``directions`` as ``model.jet`` takes them: sparse if it says it does
+    (``model.sparse_directions``), else the dense (V, d) array."""
+    if getattr(model, "sparse_directions", False):
+        return directions
+    return directions.dense(_dimension(x))
+
+
+#: Kinds of pair directions: e_i, e_k (diagonal) and e_i + e_k, e_i − e_k (polarization).
+_DIAGONAL = ((1.0, 0.0), (0.0, 1.0))
+_POLAR = ((1.0, 1.0), (1.0, -1.0))
+
+
+def _pair_sums(model, params, x, i, k, collapse):
+    """(u, S, Q) for the pairs (i_p, k_p): S = Σ_p (u_{i_p}⁴ + u_{k_p}⁴) and
+    Q = Σ_p (D⁴u[e_{i_p} + e_{k_p}] + D⁴u[e_{i_p} − e_{k_p}]), each of shape (B,).
+
+    Every direction is 2-sparse, so the first layer is a gather of 2 columns
+    per direction, O(h P), whatever d is. Uncollapsed, the 4P directions share
+    one jet (one primal pass, the x Wᵀ that costs O(h d) per point); collapsed,
+    S and Q need two jets (the estimators weight them with opposite signs),
+    each with its top coefficient summed.
     """
     x, _ = conform(params, x)
+    if collapse:
+        u, S = _diagonal_sum(model, params, x, array_namespace(x).concat([i, k]), 4, True)
+        polar = _sparse_for(model, x, _pair_directions(x, i, k, _POLAR))
+        return u, S, _top_sum(model.jet(params, x, polar, 4, collapse=True))
+    directions = _sparse_for(model, x, _pair_directions(x, i, k, _DIAGONAL + _POLAR))
+    jet = model.jet(params, x, directions, 4)
     xp = array_namespace(x)
-    coords = xp.arange(x.shape[1], dtype=i.dtype, device=device(x))
-    e_i = xp.astype(coords == i[:, None], x.dtype)
-    e_k = xp.astype(coords == k[:, None], x.dtype)
-    directions = xp.concat([e_i + e_k, e_i - e_k], axis=0)
-    jet = model.jet(params, x, directions, 4, collapse=collapse)
-    return _top_sum(jet)
+    top = _coefficients(jet, 4, 4 * i.shape[0])
+    half = 2 * i.shape[0]
+    return jet.primal, xp.sum(top[:half, ...], axis=0), xp.sum(top[half:, ...], axis=0)
 
 
 # -- Laplacian and diagonal operators ------------------------------------------------------
@@ -556,24 +587,28 @@ class SparseBiharmonic(Oracle):
     e_k, e_i + e_k, e_i − e_k), and the estimate only needs the sums over p
     of each kind, so ``collapse=True`` applies.
 
-    Cost: the jets along e_i, e_k are gathers (O(h P)). The directions
-    e_i ± e_k are 2-sparse, which ``model.jet`` does not take sparsely: they
-    are built densely, (2P, d), costing O(P d) memory and O(P d h) work in
-    the first layer (fine for the moderate d of the biharmonic problems).
-    Once ``model.jet`` takes 2-sparse directions (first layer
-    W[:, i] ± W[:, k], a gather), this term costs O(h P) like the rest.
+    Cost: every direction is 2-sparse, so the first layer gathers two columns
+    of W per direction, O(h P) whatever d is (``model.jet`` with
+    :class:`~sdze_core.jets.SparseDirections`; a model without them gets the
+    dense (4P, d) directions). With ``collapse=False`` (the default) the 4P
+    directions share one jet, hence one primal pass x Wᵀ: beyond the forward
+    pass, the time and memory per point are flat in d
+    (docs/operators.md#biharmonic-cost). ``collapse=True`` sums the top
+    coefficient as it goes, which needs the diagonal and polarization sums in
+    two jets (their weights differ in sign for d > 4): less memory for the top
+    order, one more primal pass.
 
     Parameters
     ----------
     num_pairs : int
         P <= d (d − 1) / 2.
     collapse : bool
-        Propagate the top coefficient summed over the directions.
+        Two collapsed jets instead of one shared uncollapsed jet (default False).
     """
 
     order: ClassVar[int] = 4
     num_pairs: int = 16
-    collapse: bool = True
+    collapse: bool = False
 
     def __post_init__(self):
         _check_count("num_pairs", self.num_pairs)
@@ -589,13 +624,10 @@ class SparseBiharmonic(Oracle):
         return _decode_pairs(backend_of(x).choice(key, _num_pairs(d), self.num_pairs), d)
 
     def estimate(self, model, params, x, sample) -> OperatorEstimate:
-        xp = array_namespace(x)
         d = _dimension(x)
         i, k = sample
         P = i.shape[0]
-        ends = xp.concat([i, k])
-        u, diagonal = _diagonal_sum(model, params, x, ends, 4, self.collapse)
-        polar = _pair_polarization_sum(model, params, x, i, k, self.collapse)
+        u, diagonal, polar = _pair_sums(model, params, x, i, k, self.collapse)
         mixed = (polar - 2 * diagonal) / 12  # Σ_p u_{i_p i_p k_p k_p}
         value = ((d / 2) * diagonal + d * (d - 1) * mixed) / P
         return OperatorEstimate(u, value)
@@ -606,11 +638,12 @@ class ExactBiharmonic(Oracle):
     """Δ²u exactly, by polarization over all coordinates and pairs (the small-d reference).
 
     With S = Σ_i u_iiii (d coordinate 4-jets) and
-    Q = Σ_{i<k} (D⁴u[e_i + e_k] + D⁴u[e_i − e_k]) (d (d − 1) dense 4-jets)::
+    Q = Σ_{i<k} (D⁴u[e_i + e_k] + D⁴u[e_i − e_k]) (d (d − 1) 4-jets along
+    2-sparse directions, whose first layer is a gather)::
 
         Δ²u = S + 2 Σ_{i<k} u_iikk = S + (Q − 2 (d − 1) S) / 6,
 
-    since Σ_{i<k} (u_iiii + u_kkkk) = (d − 1) S. Costs O(h d³) per point.
+    since Σ_{i<k} (u_iiii + u_kkkk) = (d − 1) S. Costs d² jets per point.
 
     Parameters
     ----------
@@ -633,7 +666,8 @@ class ExactBiharmonic(Oracle):
             return OperatorEstimate(u, S)
         b = backend_of(x)
         i, k = _decode_pairs(b.arange(_num_pairs(d), dtype=b.index_dtype), d)
-        Q = _pair_polarization_sum(model, params, x, i, k, self.collapse)
+        polar = _sparse_for(model, x, _pair_directions(conform(params, x)[0], i, k, _POLAR))
+        Q = _top_sum(model.jet(params, x, polar, 4, collapse=self.collapse))
         return OperatorEstimate(u, S + (Q - 2 * (d - 1) * S) / 6)
 
 

@@ -9,7 +9,8 @@ with the boundary condition built into the model (a hard-boundary ansatz),
 the solver trains on the residual r = L̂u − F(u, x) − f(x), L̂ the oracle's
 estimate of L u (:class:`~sdze_core.objectives.ResidualLoss`).
 
-Required (:data:`REQUIRED`): ``dim``, ``sample_domain``, ``model``, ``oracle``.
+Required (:data:`REQUIRED`): ``dim``, ``sample_domain``, ``model``, and
+``oracle`` unless the problem builds its own loss (``loss`` below).
 Optional (:data:`OPTIONAL`), each with the meaning it has when absent:
 
 * ``reaction(u, x)``: F(u, x); absent, F = 0;
@@ -25,6 +26,12 @@ Optional (:data:`OPTIONAL`), each with the meaning it has when absent:
   values ``u_ref`` = u_θ(p) (:class:`~sdze_core.training.ReferenceSet`):
   the score of a problem without an exact solution, such as STDE's
   parabolic problems at (0, 0) (:mod:`sdze_core.parabolic`).
+* ``loss(model, *, num_directions, batch_size, unbiased)``: the training
+  loss, for example a :class:`~sdze_core.loss_terms.WeightedLoss` of an
+  interior residual with boundary, initial/terminal or data terms; absent,
+  the solver trains on the interior residual alone,
+  ``ResidualLoss(model, oracle(num_directions), reaction, sample_domain(·, batch_size),
+  unbiased, forcing)``, the boundary condition being built into the model.
 
 The built-in :class:`~sdze_core.problems.Problem` has every member.
 """
@@ -45,9 +52,10 @@ __all__ = [
     "has_exact",
     "reference_of",
     "reaction_of",
+    "loss_of",
 ]
 
-#: The members every problem must have.
+#: The members every problem must have (``oracle`` only when it has no ``loss``).
 REQUIRED = ("dim", "sample_domain", "model", "oracle")
 #: The members a problem may have, and what their absence means.
 OPTIONAL = {
@@ -55,6 +63,7 @@ OPTIONAL = {
     "forcing": "f(x) = 0",
     "exact": "no exact solution: no relative errors",
     "reference": "no reference values: no rel_ref",
+    "loss": "the interior residual's ResidualLoss, boundary condition in the model",
 }
 
 
@@ -73,6 +82,15 @@ class PDEProblem(Protocol):
         forcing(x)     -> f(x)      shape (B,), a function of the points only
         exact(x)       -> u*(x)     shape (B,)
         reference()    -> (points, values) of shapes (R, dim) and (R,), or None
+        loss(model, *, num_directions, batch_size, unbiased) -> the training loss
+
+    The loss is a dataclass with a ``model`` field, ``sample(key)`` -> ξ and
+    ``loss(params, ξ)`` -> ℓ of shape () or (Q,) (as
+    :class:`~sdze_core.objectives.ResidualLoss` and
+    :class:`~sdze_core.loss_terms.WeightedLoss`), built around the ``model``
+    it is given: the zeroth-order methods replace that field by a perturbed
+    copy. ``batch_size`` is the solver's interior batch; the problem chooses
+    the other terms' batches and weights.
     """
 
     dim: int
@@ -111,7 +129,8 @@ class PDEProblem(Protocol):
 
 def missing_members(problem: Any) -> list[str]:
     """The required members (:data:`REQUIRED`) that ``problem`` lacks or has not callable."""
-    missing = [name for name in REQUIRED if not hasattr(problem, name)]
+    required = REQUIRED if not hasattr(problem, "loss") else REQUIRED[:-1]
+    missing = [name for name in required if not hasattr(problem, name)]
     uncallable = [
         name for name in REQUIRED[1:] + tuple(OPTIONAL)
         if hasattr(problem, name) and not callable(getattr(problem, name))
@@ -133,7 +152,8 @@ def check_problem(problem: Any, origin: str) -> Any:
     if missing:
         raise TypeError(
             f"{origin} returned a {type(problem).__name__} that lacks {', '.join(missing)}: "
-            f"a problem needs {', '.join(REQUIRED)} (sdze_core.problem_protocol.PDEProblem)"
+            f"a problem needs {', '.join(REQUIRED[:-1])} and an oracle or a loss "
+            f"(sdze_core.problem_protocol.PDEProblem)"
         )
     dim = problem.dim
     try:
@@ -183,3 +203,38 @@ def _no_reaction(u, x):
 def reaction_of(problem: Any):
     """``problem.reaction``, or F = 0 when the problem has none."""
     return getattr(problem, "reaction", None) or _no_reaction
+
+
+def loss_of(problem: Any, model, *, num_directions: int, batch_size: int, unbiased: bool):
+    """The training loss of ``problem`` around ``model`` (see the module docstring).
+
+    ``problem.loss(...)`` when the problem has one, else the interior residual's
+    :class:`~sdze_core.objectives.ResidualLoss`.
+
+    Raises
+    ------
+    TypeError
+        If ``problem.loss`` returns something that is not a dataclass with a
+        ``model`` field and ``sample`` (what the methods need to perturb and draw it).
+    """
+    from .objectives import ResidualLoss, model_of
+
+    if not hasattr(problem, "loss"):
+        return ResidualLoss(
+            model,
+            problem.oracle(num_directions),
+            reaction_of(problem),
+            lambda k: problem.sample_domain(k, batch_size),
+            unbiased=unbiased,
+            forcing=getattr(problem, "forcing", None),
+        )
+    loss = problem.loss(
+        model, num_directions=num_directions, batch_size=batch_size, unbiased=unbiased
+    )
+    model_of(loss, f"{type(problem).__name__}.loss")
+    if not (callable(getattr(loss, "sample", None)) and callable(loss)):
+        raise TypeError(
+            f"{type(problem).__name__}.loss returned a {type(loss).__name__} without "
+            f"sample(key) and __call__(params, xi): a loss needs both (e.g. WeightedLoss)"
+        )
+    return loss

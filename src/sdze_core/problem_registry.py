@@ -59,7 +59,7 @@ __all__ = [
 
 ENTRY_POINT_GROUP = "sdze.problems"
 #: The modules whose import registers the built-in problems (:func:`_register_builtin`).
-BUILTIN_MODULES = (".problems", ".parabolic")
+BUILTIN_MODULES = (".problems", ".hjb_kdv_problems", ".parabolic")
 
 _FACTORIES: dict[str, Any] = {}  # name -> callable, "module:factory" or an EntryPoint
 _BUILTIN: set[str] = set()

@@ -2,7 +2,8 @@
 docs/method.md#benchmark-problems).
 
 Every problem has an exact solution u* = g(x) s(x): a boundary factor g that
-vanishes on the domain's boundary times a sum of few-variable terms
+vanishes on the domain's boundary (κ φ, φ the domain's factor, docs/domains.md)
+times a sum of few-variable terms
 
 * two-body:   s(x) = Σ_{i=1}^{d−1} c_i sin(x_i + cos(x_{i+1}) + x_{i+1} cos(x_i)),
 * three-body: s(x) = Σ_{i=1}^{d−2} c_i exp(x_i x_{i+1} x_{i+2}),
@@ -11,21 +12,16 @@ with c_i ~ N(0, 1) drawn from the problem's key (portable draws: the same
 seed gives the same problem on every backend). The forcing f is built from
 u* so that u* solves the equation. It is evaluated in closed form, O(d) per
 point, from the derivatives of s, which are sums over the terms of
-derivatives of one few-variable function. With ρ = ‖x‖² and the sums over
-terms
+derivatives of one few-variable function: the sums over terms of
 
-    s,  x·∇s,  Δs,  xᵀ(∇²s)x,  x·∇Δs,  Δ²s,
+    s,  x·∇s,  Δs,  xᵀ(∇²s)x,  x·∇Δs,  Δ²s.
 
-the ball's g = 1 − ρ gives (∇g = −2x, Δg = −2d)::
-
-    Δu* = −2d s − 4 x·∇s + (1 − ρ) Δs,
-
-and the annulus' h = (1 − ρ)(4 − ρ) (∇h = (4ρ − 10)x,
-∇²h = (4ρ − 10)I + 8xxᵀ, Δh = (4d + 8)ρ − 10d, Δ²h = 8d(d + 2)), from
-Δ²(hs) = Δ²h s + 4∇Δh·∇s + 2ΔhΔs + 4∇²h : ∇²s + 4∇h·∇Δs + hΔ²s::
-
-    Δ²u* = 8d(d+2) s + 4(8d + 16) x·∇s + (2Δh + 4(4ρ − 10)) Δs
-           + 32 xᵀ(∇²s)x + 4(4ρ − 10) x·∇Δs + h Δ²s.
+What depends on the domain, φ and its derivatives in L(φ s), is the
+domain's closed form (:meth:`~sdze_core.domains.Domain.factor_product`): for
+the ball's φ = 1 − ρ, ρ = ‖x‖², Δu* = −2d s − 4 x·∇s + (1 − ρ) Δs. A problem
+on a domain without the closed form its operator needs is refused when it is
+built (:class:`~sdze_core.domains.MissingClosedFormError`): it never trains
+against another domain's forcing.
 
 The sums are accumulated over column blocks of x (``chunk`` columns at a
 time, overlapping by the terms' reach), so the temporaries are
@@ -40,6 +36,11 @@ Equations (L u = Δu or Δ²u; residual r = L u − F(u) − f):
 | allen-cahn | Δu + u − u³ = f | u³ − u |
 | sine-gordon | Δu + sin u = f | −sin u |
 | biharmonic | Δ²u = f (annulus 1 ≤ ‖x‖ ≤ 2) | 0 |
+
+The built-in problems live on the unit ball (g = 1 − ‖x‖²) or the annulus
+1 ≤ ‖x‖ ≤ 2 (g = (1 − ‖x‖²)(4 − ‖x‖²) = −(9/4) φ); ``make_problem(name, d,
+domain=...)`` puts the same equation and solution on another domain, with
+u* = φ s.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from typing import Any, ClassVar
 from array_api_compat import array_namespace
 
 from . import jets
-from .domains import Annulus, Ball
+from .domains import Annulus, Ball, Domain, HardConstraint, MissingClosedFormError
 from .keys import Key, as_key, fold_in
 from .models import MLP, Ansatz, conform_to
 from .oracles import SparseBiharmonic, SparseLaplacian
@@ -195,6 +196,11 @@ def term_sums(solution: TermSum, x, c, order: int, chunk: int = DEFAULT_CHUNK) -
 # -- equations ------------------------------------------------------------------------------
 
 
+#: The operator L of an equation of each order (the keys of
+#: :data:`~sdze_core.domains.PRODUCT_OPERATORS`).
+OPERATORS = {2: "laplacian", 4: "biharmonic"}
+
+
 @dataclass(frozen=True)
 class Equation:
     """L u + N(u) = f, with L = Δ^(order/2); :attr:`nonlinearity` is N."""
@@ -203,6 +209,11 @@ class Equation:
     order: int
     boundary: str
     nonlinearity: str | None  # "allen-cahn" (u − u³), "sine-gordon" (sin u) or None
+
+    @property
+    def operator(self) -> str:
+        """L by name: ``"laplacian"`` (order 2) or ``"biharmonic"`` (order 4)."""
+        return OPERATORS[self.order]
 
     def nonlinear_term(self, u):
         """N(u): u − u³ (Allen–Cahn), sin u (Sine–Gordon) or 0."""
@@ -260,13 +271,16 @@ def sample_annulus(backend, key: Key, num_points: int, dim: int):
     return Annulus(1.0, 2.0).sample(backend, key, num_points, dim)
 
 
-_SAMPLERS = {
-    ("ball", "volume"): sample_ball,
-    ("ball", "radius"): sample_ball_radial,
-    ("annulus", "volume"): sample_annulus,
-}
 #: Point distributions: uniform in volume, or uniform in radius (STDE's; ball only).
 SAMPLINGS = ("volume", "radius")
+
+#: The built-in problems' domains (by :attr:`Equation.boundary`) and the scale κ of their
+#: exact solutions' factor g = κ φ: the ball's 1 − ‖x‖² is φ, the annulus' (1 − ‖x‖²)(4 − ‖x‖²)
+#: is −(9/4) φ.
+BENCHMARK_DOMAINS: dict[str, tuple[Domain, float]] = {
+    "ball": (Ball(), 1.0),
+    "annulus": (Annulus(1.0, 2.0), -2.25),
+}
 
 
 # -- the problem ----------------------------------------------------------------------------
@@ -295,7 +309,17 @@ class Problem:
         Columns per block for the closed-form sums.
     sampling : {"volume", "radius"}
         Training and test points uniform in the domain's volume (default), or
-        with a uniform radius (STDE's; the ball only).
+        with a uniform radius (STDE's; a ball only).
+    domain : Domain, optional
+        Where the equation is posed, u* = φ s with φ the domain's factor.
+        Default: the built-in's (:data:`BENCHMARK_DOMAINS`, u* = κ φ s).
+
+    Raises
+    ------
+    MissingClosedFormError
+        If the domain has no closed form for L(φ s), L the equation's operator
+        (:meth:`~sdze_core.domains.Domain.factor_product`): the forcing would
+        be another domain's.
     """
 
     name: str
@@ -304,15 +328,21 @@ class Problem:
     backend: Any
     chunk: int = DEFAULT_CHUNK
     sampling: str = "volume"
+    domain: Domain | None = None
     equation: Equation = field(init=False)
     solution: TermSum = field(init=False)
+    factor_scale: float = field(init=False)
 
     def __post_init__(self):
         eq, sol = PROBLEMS[self.name]
         object.__setattr__(self, "equation", EQUATIONS[eq])
         object.__setattr__(self, "solution", SOLUTIONS[sol]())
-        if (self.boundary, self.sampling) not in _SAMPLERS:
-            offered = [m for (b, m) in _SAMPLERS if b == self.boundary]
+        given = self.domain is not None
+        domain, scale = (self.domain, 1.0) if given else BENCHMARK_DOMAINS[self.equation.boundary]
+        object.__setattr__(self, "domain", self._offered(domain))
+        object.__setattr__(self, "factor_scale", scale)
+        offered = ["volume", "radius"] if isinstance(domain, Ball) else ["volume"]
+        if self.sampling not in offered:
             raise ValueError(
                 f"sampling {self.sampling!r} is not offered on the {self.boundary} "
                 f"({self.name}); choose one of {', '.join(offered)}"
@@ -324,55 +354,64 @@ class Problem:
                 f"got shape {tuple(self.coefficients.shape)}"
             )
 
+    def _offered(self, domain):
+        """``domain`` if it has the closed form L(φ s) of the equation's operator, else raise."""
+        if not isinstance(domain, Domain):
+            raise TypeError(f"domain must be a Domain, got {type(domain).__name__}")
+        operator = self.equation.operator
+        if operator not in domain.product_operators:
+            offered = ", ".join(domain.product_operators) or "none"
+            raise MissingClosedFormError(
+                f"{self.name} on {domain!r}: the forcing needs the {operator} of φ s in closed "
+                f"form, which {domain.name} does not offer (it offers: {offered}); see "
+                "sdze_core.domains.product_closed_forms() for the domains that do"
+            )
+        return domain
+
     # -- geometry
     @property
     def boundary(self) -> str:
-        """The domain: ``"ball"`` (unit ball) or ``"annulus"`` (1 ≤ ‖x‖ ≤ 2)."""
-        return self.equation.boundary
+        """The domain's name (:data:`~sdze_core.domains.DOMAINS`): ``"ball"``, ``"annulus"``, ..."""
+        return self.domain.name
 
     def sample_domain(self, key: Key, num_points: int, backend=None):
         """``num_points`` uniform points of the domain, shape (num_points, d).
 
         ``backend`` overrides the problem's (e.g. its portable-draw variant).
         """
-        sampler = _SAMPLERS[self.boundary, self.sampling]
-        return sampler(backend or self.backend, key, num_points, self.dim)
+        backend = backend or self.backend
+        if self.sampling == "volume":
+            return self.domain.sample(backend, key, num_points, self.dim)
+        x = sample_ball_radial(backend, key, num_points, self.dim)
+        if self.domain.radius != 1.0:
+            x *= self.domain.radius
+        return x
 
-    def _g(self, norm2):
-        g = 1 - norm2
-        return g * (4 - norm2) if self.boundary == "annulus" else g
+    @property
+    def _builtin_ansatz(self) -> bool:
+        """Whether g is a built-in :class:`Ansatz`'s factor (its name as the ansatz' boundary)."""
+        return BENCHMARK_DOMAINS.get(self.boundary) == (self.domain, self.factor_scale)
 
     # -- the exact solution and forcing
     def exact(self, x):
-        """u*(x), shape (B,)."""
+        """u*(x) = κ φ(x) s(x), shape (B,)."""
         x = self._check(x)
         s = term_sums(self.solution, x, self.coefficients, 2, self.chunk)["s"]
-        return self._g(jets.rowwise_squared_norm(x)) * s
+        return self._scaled(self.domain.factor(x)) * s
+
+    def _scaled(self, value):
+        return value if self.factor_scale == 1.0 else self.factor_scale * value
 
     def operator_exact(self, x):
         """(L u*)(x) = Δu* or Δ²u*, in closed form, shape (B,)."""
         return self._operator_and_solution(x)[0]
 
     def _operator_and_solution(self, x):
-        """((L u*)(x), u*(x)) from one pass of block sums."""
+        """((L u*)(x), u*(x)) from one pass of block sums and the domain's closed form."""
         x = self._check(x)
-        d = self.dim
         sums = term_sums(self.solution, x, self.coefficients, self.equation.order, self.chunk)
-        rho = jets.rowwise_squared_norm(x)
-        s, xg, lap = sums["s"], sums["x_grad"], sums["lap"]
-        u_star = self._g(rho) * s
-        if self.equation.order == 2:
-            return -2 * d * s - 4 * xg + (1 - rho) * lap, u_star
-        lap_h = (4 * d + 8) * rho - 10 * d
-        radial = 4 * rho - 10
-        return (
-            8 * d * (d + 2) * s
-            + 4 * (8 * d + 16) * xg
-            + (2 * lap_h + 4 * radial) * lap
-            + 32 * sums["x_hess_x"]
-            + 4 * radial * sums["x_grad_lap"]
-            + self._g(rho) * sums["bilap"]
-        ), u_star
+        u_star, operator = self.domain.factor_product(self.equation.operator, x, sums)
+        return self._scaled(operator), self._scaled(u_star)
 
     def forcing(self, x):
         """f(x) = (L u*)(x) + N(u*(x)), shape (B,)."""
@@ -394,10 +433,16 @@ class Problem:
     # -- what the solver builds on top
     def model(
         self, width: int = 128, depth: int = 4, activation: str = "tanh", init_scheme="glorot"
-    ) -> Ansatz:
-        """The ansatz g(x) N(x) with N an MLP of ``depth`` hidden layers of ``width``."""
-        sizes = (self.dim,) + (width,) * depth + (1,)
-        return Ansatz(MLP(sizes, activation, init_scheme), self.boundary)
+    ) -> Ansatz | HardConstraint:
+        """The ansatz g(x) N(x) with N an MLP of ``depth`` hidden layers of ``width``.
+
+        An :class:`Ansatz` on the built-in domains, else a
+        :class:`~sdze_core.domains.HardConstraint` with the domain's factor φ.
+        """
+        network = MLP((self.dim,) + (width,) * depth + (1,), activation, init_scheme)
+        if self._builtin_ansatz:
+            return Ansatz(network, self.boundary)
+        return HardConstraint(self.domain, network)
 
     def oracle(self, num_directions: int = 16):
         """STDE's sparse estimator of L: V sampled coordinates (Δ) or pairs (Δ²)."""
@@ -408,28 +453,35 @@ class Problem:
     def exact_jet(self, x: jets.Jet) -> jets.Jet:
         """The jet of u* from the jet of x (Taylor mode, no closed form: the tests' reference)."""
         s = self.solution.jet(x, self.coefficients)
-        norm2 = jets.squared_norm(x)
-        g = jets.shift(jets.scale(norm2, -1.0), 1.0)
-        if self.boundary == "annulus":
-            g = jets.mul(g, jets.shift(jets.scale(norm2, -1.0), 4.0))
-        return jets.mul(g, s)
+        g = self.domain.boundary_factor(x)
+        return jets.mul(jets.scale(g, self.factor_scale) if self.factor_scale != 1.0 else g, s)
 
 
 def make_benchmark(
-    name: str, dim: int, seed: int | Key = 0, backend=None, chunk=DEFAULT_CHUNK, sampling="volume"
+    name: str,
+    dim: int,
+    seed: int | Key = 0,
+    backend=None,
+    chunk=DEFAULT_CHUNK,
+    sampling="volume",
+    domain: Domain | None = None,
 ):
     """The benchmark problem ``name`` in dimension ``dim``, coefficients from ``seed``.
 
     The factory of every built-in (registered as ``partial(make_benchmark, name)``;
     use :func:`make_problem`). c ~ N(0, I) is drawn with portable draws from
     ``fold_in(key(seed), "coefficients")``, so a seed names the same problem
-    on every backend.
+    on every backend. ``domain`` poses the equation on another domain, with
+    u* = φ s (:class:`Problem`).
 
     Raises
     ------
     ValueError
         For an unknown name (the message lists :data:`PROBLEMS`) or a
         dimension too small for the solution's terms.
+    MissingClosedFormError
+        For a ``domain`` without the closed form of L(φ s) for the equation's
+        operator (the message names both and what the domain offers).
     """
     from .registry import get_backend
 
@@ -441,7 +493,7 @@ def make_benchmark(
     backend = backend or get_backend()
     portable = backend.with_config(rng="portable")
     c = portable.normal(fold_in(as_key(seed), "coefficients"), (solution.num_terms(dim),))
-    return Problem(name, dim, c, backend, chunk, sampling)
+    return Problem(name, dim, c, backend, chunk, sampling, domain)
 
 
 for _name in PROBLEMS:

@@ -423,8 +423,13 @@ def _blown_up(value: float, state: TrainState, blowup: float) -> str | None:
 
 
 def _current_loss(method, loss, params, method_state) -> float:
-    """ℓ(θ; ξ) of the current network (pending updates included) on the next step's ξ."""
+    """ℓ(θ; ξ) of the current network (pending updates included) on the next step's ξ,
+    with the loss the method trains on: ``method.evaluation_loss(loss, state)`` where
+    the method has one (:class:`~sdze_core.coefficients.TrainCoefficients` binds c)."""
     spatial, _ = method.step_keys(method_state)
+    evaluation_loss = getattr(method, "evaluation_loss", None)
+    if evaluation_loss is not None:
+        loss = evaluation_loss(loss, method_state)
     model = getattr(loss, "model", None)
     current = method.evaluation_model(model, params, method_state)
     if current is not model:  # a pending update: the loss evaluates the method's model
