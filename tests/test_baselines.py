@@ -6,7 +6,7 @@ import pytest
 
 from helpers import host, host_params
 from sdze.solver import DEFAULT_ADAM_B2, SolverConfig, build, solve
-from sdze.testing import device_for, get_test_backend
+from sdze.testing import device_for, get_backend_under_test
 from sdze_core.backend import AutodiffNotAvailableError
 from sdze_core.first_order import FirstOrderAdam
 from sdze_core.keys import key
@@ -20,7 +20,7 @@ D = 7
 
 
 def setup(name, dtype="float64"):
-    b = get_test_backend(name, device=device_for(name), dtype=dtype)
+    b = get_backend_under_test(name, dtype=dtype)
     model = Ansatz(MLP((D, 16, 16, 1)), "ball")
     params = model.init(key(1), b)
     x = 0.8 * (b.uniform(key(2), (9, D)) - 0.5)
@@ -123,7 +123,7 @@ def test_adam_b2_is_checked(value):
 @pytest.mark.parametrize("name", AUTODIFF)
 def test_sdgd_and_first_order_train_identically(name):
     """Same seed, same points and coordinates, same gradients: the same run (float64)."""
-    get_test_backend(name, device=device_for(name))  # skips, saying why, if it cannot run
+    get_backend_under_test(name)  # skips, saying why, if it cannot run or is not under test
     common = dict(backend=name, device=device_for(name), dtype="float64", steps=6,
                   test_points=50, out=None, quiet=True)
     a = solve("poisson-two-body", 8, method="first-order", **common)

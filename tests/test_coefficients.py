@@ -133,9 +133,9 @@ def test_coefficient_queries_match_one_evaluation_each(backend):
 def test_autodiff_coefficient_gradient_matches_finite_differences(name):
     """∇_c ℓ by reverse mode equals the central difference (h = 1e-4, float64; ℓ is
     the difference's O(h²) error is ~1e-8 relative)."""
-    from sdze.testing import get_test_backend
+    from sdze.testing import get_backend_under_test
 
-    b, model, params, loss = problem(get_test_backend(name))
+    b, model, params, loss = problem(get_backend_under_test(name))
     c = b.asarray([1.5], dtype=b.xp.float64)
     value, net_grads, grad = coefficient_autodiff(loss, ("a",), params, c, key(1))
     assert [set(g) for g in net_grads] == [set(p) for p in params]
@@ -253,9 +253,9 @@ def test_first_order_recovers_the_diffusivity(name):
     """600 first-order steps (network Adam 3e-3, a's Adam 0.05) from a = 0.5 recover
     a* = 2 to within 0.15 and u* to rel-L2 < 0.06 (measured on torch: a = 1.935,
     rel-L2 3.3e-2, 11 s)."""
-    from sdze.testing import get_test_backend
+    from sdze.testing import get_backend_under_test
 
-    b, model, params, loss = problem(get_test_backend(name))
+    b, model, params, loss = problem(get_backend_under_test(name))
     trainer = TrainCoefficients(FirstOrderAdam(3e-3), {"a": 0.5}, zo_adam(0.05))
     state = trainer.init(key(1), params)
     for _ in range(600):

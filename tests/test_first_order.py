@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from helpers import copy_params, host, host_params
-from sdze.testing import device_for, get_test_backend
+from sdze.testing import get_backend_under_test
 from sdze_core.backend import AutodiffNotAvailableError
 from sdze_core.engine import SDZE, StepInfo
 from sdze_core.first_order import FirstOrderAdam, FirstOrderState
@@ -34,7 +34,7 @@ FD_RTOL = 1e-6  # measured: 5e-9 to 6e-8 relative error with h = 1e-5
 
 
 def backend64(name):
-    return get_test_backend(name, device=device_for(name), dtype="float64")
+    return get_backend_under_test(name, dtype="float64")
 
 
 def fixed_points(b, radius=None, batch=8, seed=0):
@@ -133,7 +133,7 @@ def test_biharmonic_on_the_annulus_matches_finite_differences():
 
 @pytest.mark.parametrize("name", AUTODIFF)
 def test_gradients_have_the_parameters_structure(name):
-    b = get_test_backend(name, device=device_for(name))  # float32
+    b = get_backend_under_test(name)  # float32
     loss = poisson_loss(b, points=random_points(b))
     params = loss.model.init(key(7), b)
     value, grads = b.value_and_grad(loss)(params, loss.sample(key(8)))

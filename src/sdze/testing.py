@@ -90,6 +90,18 @@ def get_test_backend(name: str, device=None, dtype=None):
     return found
 
 
+def get_backend_under_test(name: str, dtype=None):
+    """:func:`get_test_backend` for a test parametrized over backend names (say torch and
+    jax, which have autodiff) that tests ``name`` itself: skipped, saying so, unless
+    ``name`` is a backend under test (``--backend``), so that each backend's session runs
+    its own cases once instead of every session running all of them."""
+    if name not in _session["backends"]:
+        chosen = ", ".join(_session["backends"]) or "none"
+        pytest.skip(f"{name} is not under test in this run (--backend {chosen}); "
+                    f"its own session runs this case")
+    return get_test_backend(name, device=device_for(name), dtype=dtype)
+
+
 @pytest.fixture
 def backend(request):
     """The sdze backend under test (float32 default; ``with_config`` for others)."""
