@@ -26,6 +26,7 @@ from sdze_core.domains import (
     Annulus,
     Ball,
     Box,
+    Diffusion,
     HardConstraint,
     MissingClosedFormError,
     SpaceTime,
@@ -45,6 +46,7 @@ EXAMPLES = {
     "box": (Box(), Box(-1.0, 2.0)),
     "whole-space": (WholeSpace(),),
     "space-time": (SpaceTime(Ball(), hard_space=True), SpaceTime(WholeSpace())),
+    "diffusion": (Diffusion(), Diffusion(t0=0.0, t1=0.3, diffusivity=2.0)),
 }
 OFFERED = [
     (domain, op)
