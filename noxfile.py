@@ -85,7 +85,8 @@ SINGLE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_T
 
 
 def run_pytest(session: nox.Session, suite: str, backend: str, device: str | None) -> None:
-    args = ["pytest", suite, "--backend", backend, *parallel_args(device), *session.posargs]
+    args = ["pytest", suite, "--backend", backend, "--durations=15", *parallel_args(device),
+            *session.posargs]
     if device:
         args += ["--device", device]
     # Exit 5 means nothing was collected for this selection: say so, don't fail.
