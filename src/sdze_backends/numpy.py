@@ -53,3 +53,13 @@ class NumpyBackend(Backend):
 
     def _native_integers(self, key, shape, low, high):
         return self._generator(key).integers(low, high, shape, dtype=self.index_dtype)
+
+    def matmul_into(self, a, b, out):
+        import numpy as np
+
+        return np.matmul(a, b, out=out)
+
+    def multiply_into(self, a, b, out):
+        import numpy as np
+
+        return np.multiply(a, b, out=out)

@@ -122,6 +122,16 @@ class TorchBackend(Backend):
                 rows.append(h[:, j])
         return u, torch.stack(rows)
 
+    def matmul_into(self, a, b, out):
+        import torch
+
+        return torch.matmul(a, b, out=out)
+
+    def multiply_into(self, a, b, out):
+        import torch
+
+        return torch.mul(a, b, out=out)
+
     def _cuda(self) -> bool:
         return self.device.type == "cuda"
 

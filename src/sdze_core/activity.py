@@ -370,12 +370,68 @@ def _writeable(x) -> bool:
     return array_api_compat.is_writeable_array(x)
 
 
+class _BlockStream:
+    """Ĝ[:, start:stop] of a factored gradient, chunk by chunk, formed in two (m × chunk)
+    buffers allocated once (writeable backends: NumPy, PyTorch, CuPy).
+
+    :meth:`LayerGradient.block` allocates its product and every elementwise
+    result per chunk; at d = 10⁶ that is ~10³ short-lived 4 MB arrays a step,
+    which glibc's allocator serves from a heap that it then cannot give back
+    (PyTorch's peak RSS was 1.9 × parameters + batch). Here the products go
+    into the buffers through :meth:`Backend.matmul_into` and the squares through
+    :meth:`Backend.multiply_into`, and the scalings are in place: the values
+    are those of :meth:`LayerGradient.block`, bit for bit.
+    """
+
+    def __init__(self, grad: LayerGradient):
+        like = grad.left[0]
+        xp = array_namespace(like)
+        self.grad, self.xp, self.backend = grad, xp, backend_of(like)
+        m, n = grad.shape
+        self.chunks = _column_chunks(m, n)
+        width = self.chunks[0][1] - self.chunks[0][0]
+        dtype = like.dtype
+        for a in (*grad.left, *grad.right):
+            dtype = xp.result_type(dtype, a.dtype)
+        device = array_api_compat.device(like)
+        self._flat = [xp.empty((m * width,), dtype=dtype, device=device) for _ in range(2)]
+        self._hit = set()  # the chunks holding gathered columns
+        if grad.index is not None:
+            self._hit = {int(grad.index[v]) // width for v in range(grad.index.shape[0])}
+        self._width = width
+
+    def _buffer(self, which: int, columns: int):
+        m = self.grad.shape[0]
+        return self.xp.reshape(self._flat[which][: m * columns], (m, columns))
+
+    def block(self, start: int, stop: int):
+        """Ĝ[:, start:stop] in buffer 0 (valid until the next call)."""
+        xp, g, into = self.xp, self.grad, self.backend.matmul_into
+        out = None
+        for L, R in zip(g.left, g.right, strict=True):
+            if out is None:
+                out = into(xp.matrix_transpose(L), R[:, start:stop], self._buffer(0, stop - start))
+            else:
+                out += into(xp.matrix_transpose(L), R[:, start:stop], self._buffer(1, stop - start))
+        if start // self._width in self._hit:  # elsewhere the one-hot product is all zeros
+            cols = xp.arange(start, stop, dtype=g.index.dtype)
+            hot = xp.astype(xp.expand_dims(g.index, axis=1) == cols, g.columns.dtype)
+            out += into(g.columns, hot, self._buffer(1, stop - start))
+        return out
+
+    def square(self, blk):
+        """blk² in buffer 1 (valid until the next call)."""
+        return self.backend.multiply_into(blk, blk, self._buffer(1, blk.shape[1]))
+
+
 def _apply_blocks(W, grad: LayerGradient, fn):
-    """W + fn(Ĝ[:, c], c) for column chunks c: in place when W is writeable."""
+    """W + fn(Ĝ[:, c], c) for column chunks c: in place when W is writeable, with
+    Ĝ[:, c] in a reused buffer that ``fn`` may scale in place (:class:`_BlockStream`)."""
     m, n = W.shape
     if _writeable(W):
-        for start, stop in _column_chunks(m, n):
-            W[:, start:stop] += fn(grad.block(start, stop), start, stop)
+        stream = _BlockStream(grad)
+        for start, stop in stream.chunks:
+            W[:, start:stop] += fn(stream.block(start, stop), start, stop)
         return W
     return W + fn(grad.dense(), 0, n)
 
@@ -480,7 +536,7 @@ def activity_sgd(learning_rate=1e-3) -> ActivityOptimizer:
     def commit(params, grads, lr, state):
         out = []
         for p, g in zip(params, grads, strict=True):
-            W = _apply_blocks(p["W"], g, lambda blk, a, b: -lr * blk)
+            W = _apply_blocks(p["W"], g, lambda blk, a, b: _scale_block(blk, -lr))
             out.append({"W": W, "b": _add(p["b"], -lr * g.bias)})
         return out, state
 
@@ -622,6 +678,13 @@ def activity_adafactor(
                         col_sq.append(xp.mean(sq, axis=0))
                     return (blk * r_step[:, None]) * c_scale[a:b]
 
+                if _writeable(p["W"]):  # one pass per chunk, in reused buffers
+                    W, row, col = _commit_streamed(p["W"], g, r_step, c_scale, gather)
+                    if gather:
+                        rows[layer] = b2 * rows[layer] + (1 - b2) * row
+                        cols[layer] = b2 * cols[layer] + (1 - b2) * col
+                    out.append({"W": W, "b": _add(p["b"], db)})
+                    continue
                 W = _apply_blocks(p["W"], g, step_of)
                 if gather:
                     n = p["W"].shape[1]
@@ -635,10 +698,53 @@ def activity_adafactor(
     )
 
 
+def _scale_block(blk, factor):
+    """blk · factor, in place when blk is writeable (a chunk's own buffer)."""
+    if _writeable(blk):
+        blk *= factor
+        return blk
+    return blk * factor
+
+
+def _commit_streamed(W, g: LayerGradient, r_step, c_scale, gather: bool):
+    """W[:, c] += (Ĝ[:, c] · r_step) · c_scale[c] over column chunks c, in place, and
+    (with ``gather``) this step's (mean_j Ĝ_ij², mean_i Ĝ_ij²) from the same pass.
+
+    The values are those of the functional path in ``activity_adafactor``'s commit,
+    bit for bit; Ĝ[:, c] and its square live in :class:`_BlockStream`'s two buffers."""
+    xp = array_namespace(W)
+    m, n = W.shape
+    stream = _BlockStream(g)
+    row = col = None
+    if gather:
+        row = xp.zeros((m,), dtype=W.dtype, device=array_api_compat.device(W))
+        col = xp.empty((n,), dtype=W.dtype, device=array_api_compat.device(W))
+    r_step = r_step[:, None]
+    for start, stop in stream.chunks:
+        blk = stream.block(start, stop)
+        if gather:
+            sq = stream.square(blk)
+            row += xp.sum(sq, axis=1)
+            col[start:stop] = xp.mean(sq, axis=0)
+        blk *= r_step
+        blk *= c_scale[start:stop]
+        W[:, start:stop] += blk
+    return W, (row / n if gather else None), col
+
+
 def _squared_sums(g: LayerGradient):
     """(mean_j Ĝ_ij², mean_i Ĝ_ij²) of a factored gradient, streamed over column chunks."""
     xp = array_namespace(g.bias)
     m, n = g.shape
+    if _writeable(g.left[0]):  # in two reused buffers (:class:`_BlockStream`)
+        stream = _BlockStream(g)
+        row_sq = xp.zeros((m,), dtype=g.bias.dtype, device=array_api_compat.device(g.bias))
+        col_sq = xp.empty((n,), dtype=g.bias.dtype, device=array_api_compat.device(g.bias))
+        for start, stop in stream.chunks:
+            sq = stream.square(stream.block(start, stop))
+            row_sq += xp.sum(sq, axis=1)
+            col_sq[start:stop] = xp.mean(sq, axis=0)
+        return row_sq / n, col_sq
     row_sq, col_sq = 0.0, []
     for start, stop in _column_chunks(m, n):
         sq = g.block(start, stop) ** 2

@@ -187,6 +187,19 @@ class Backend(ABC):
             "derivatives (SDGD) need torch or jax (the jet oracles need only forward passes)"
         )
 
+    # -- in-place hooks: writes into a caller's buffer (optional) -------------
+    def matmul_into(self, a, b, out):
+        """``a @ b`` written into ``out`` (writeable, of the product's shape and dtype)
+        and returned. The default forms the product and copies it; backends with an
+        ``out=`` product override it, so that a streamed update reuses one buffer."""
+        out[...] = a @ b
+        return out
+
+    def multiply_into(self, a, b, out):
+        """``a * b`` written into ``out`` and returned (see :meth:`matmul_into`)."""
+        out[...] = a * b
+        return out
+
     def synchronize(self, *arrays) -> None:
         """Wait until queued device work (and ``arrays``) is done, for timings.
 
