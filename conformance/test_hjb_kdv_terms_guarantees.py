@@ -23,6 +23,7 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 
+from mlp_references import derivative_tensors, reference_params
 from sdze_core import operator_terms
 from sdze_core.hjb_kdv_problems import HJBLin, KdV
 from sdze_core.keys import fold_in, key
@@ -30,7 +31,6 @@ from sdze_core.models import MLP
 from sdze_core.operator_terms import Convection, LinearCombination, PartialPowerSum
 
 jax = pytest.importorskip("jax", reason="the references are nested jax.jacfwd")
-jnp = jax.numpy
 jax.config.update("jax_enable_x64", True)
 
 D = 4  # three space coordinates and time, last
@@ -45,14 +45,7 @@ NU = 0.0025
 
 @cache
 def numpy_params():
-    rng = np.random.default_rng(23)
-    return tuple(
-        {
-            "W": rng.standard_normal((n_out, n_in)) * np.sqrt(2.0 / (n_in + n_out)),
-            "b": 0.1 * rng.standard_normal(n_out),
-        }
-        for n_in, n_out in zip(SIZES[:-1], SIZES[1:], strict=True)
-    )
+    return reference_params(SIZES, 23)
 
 
 @cache
@@ -63,20 +56,7 @@ def points():
 @cache
 def tensors():
     """[u, ∇u, ∇²u, ∇³u] at the points, by nested jax.jacfwd."""
-    params = numpy_params()
-
-    def u(x):
-        h = x
-        for layer, p in enumerate(params):
-            h = h @ p["W"].T + p["b"]
-            if layer < len(params) - 1:
-                h = jnp.tanh(h)
-        return h[0]
-
-    fns = [u]
-    for _ in range(3):
-        fns.append(jax.jacfwd(fns[-1]))
-    return [np.asarray(jax.vmap(f)(jnp.asarray(points()))) for f in fns]
+    return derivative_tensors(jax, numpy_params(), points(), 3)
 
 
 def power_sum(c, coordinates):

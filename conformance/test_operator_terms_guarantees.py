@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 from array_api_compat import array_namespace
 
+from mlp_references import derivative_tensors, reference_params
 from sdze_core.keys import fold_in, key
 from sdze_core.models import MLP, PLAIN_LAYERS, with_layer_map
 from sdze_core.operator_terms import (
@@ -38,7 +39,6 @@ from sdze_core.operator_terms import (
 from sdze_core.oracles import FirstDerivative, HutchinsonLaplacian, TraceOperator
 
 jax = pytest.importorskip("jax", reason="the references are nested jax.jacfwd")
-jnp = jax.numpy
 jax.config.update("jax_enable_x64", True)
 
 D = 4  # three space coordinates and time, last
@@ -52,14 +52,7 @@ RTOL = 1e-10
 
 @cache
 def numpy_params():
-    rng = np.random.default_rng(21)
-    return tuple(
-        {
-            "W": rng.standard_normal((n_out, n_in)) * np.sqrt(2.0 / (n_in + n_out)),
-            "b": 0.1 * rng.standard_normal(n_out),
-        }
-        for n_in, n_out in zip(SIZES[:-1], SIZES[1:], strict=True)
-    )
+    return reference_params(SIZES, 21)
 
 
 @cache
@@ -70,20 +63,7 @@ def points():
 @cache
 def tensors():
     """[u, ∇u, ∇²u, ∇³u, ∇⁴u] at the points, by nested jax.jacfwd."""
-    params = numpy_params()
-
-    def u(x):
-        h = x
-        for layer, p in enumerate(params):
-            h = h @ p["W"].T + p["b"]
-            if layer < len(params) - 1:
-                h = jnp.tanh(h)
-        return h[0]
-
-    fns = [u]
-    for _ in range(4):
-        fns.append(jax.jacfwd(fns[-1]))
-    return [np.asarray(jax.vmap(f)(jnp.asarray(points()))) for f in fns]
+    return derivative_tensors(jax, numpy_params(), points(), 4)
 
 
 def partial(index):
