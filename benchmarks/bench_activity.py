@@ -66,6 +66,8 @@ VARIANTS = {
     "activity-q2": ("numpy", _activity(activity_adafactor, num_queries=2)),
     "activity-forward": ("numpy", _activity(activity_adafactor, estimator="forward")),
     "activity-b1-0.98": ("numpy", _activity(lambda lr: activity_adafactor(lr, b1=0.98))),
+    "activity-torch": ("torch", _activity(activity_adafactor)),
+    "activity-jax": ("jax", _activity(activity_adafactor)),
 }
 
 
@@ -167,8 +169,9 @@ def main(argv=None):
                 record = run_one(problem, dim, method, args.steps, args.seed)
                 runs = [r for r in runs if not (r["method"] == method and r["steps"] == args.steps)]
                 runs.append(record)
-                fo = [r for r in runs if r["method"] == "first-order" and r["steps"] == args.steps]
-                for r in runs:
+                for r in runs:  # against first-order's run of as many steps
+                    fo = [f for f in runs if f["method"] == "first-order"
+                          and f["steps"] == r["steps"]]
                     if fo:
                         target = 2 * fo[0]["final_rel_l2"]
                         r["time_to_2x_first_order"] = time_to(r["history"], target)

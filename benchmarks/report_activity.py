@@ -18,7 +18,7 @@ import pathlib
 RESULTS = pathlib.Path(__file__).parent / "results" / "activity"
 ORDER = ["first-order", "activity", "activity-adam", "activity-adafactor-3e-3",
          "activity-adafactor-1e-2", "activity-adam-3e-3", "activity-q2", "activity-b1-0.98",
-         "activity-forward", "subspace"]
+         "activity-forward", "activity-torch", "activity-jax", "subspace"]
 
 
 def load(folder: pathlib.Path) -> list[dict]:
