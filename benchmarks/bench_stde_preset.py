@@ -54,13 +54,14 @@ def run(dim: int, method: str, seed: int, steps: int | None) -> dict:
 
 def report(rows: list[dict]) -> str:
     """Markdown table: per d and method, min-over-evaluations error against the published one."""
-    lines = ["| d | method | min rel. L2 (step) | final rel. L2 | published first-order | "
-             "× published | wall (s) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| d | method | seed | min rel. L2 (step) | final rel. L2 | published first-order | "
+             "× published | wall (s) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in sorted(rows, key=lambda r: (r["dim"], r["method"], r["seed"])):
         published = r["published_first_order"]
         ratio = f"{r['min_rel_l2'] / published:.2f}" if published else "–"
         lines.append(
-            f"| {r['dim']} | {r['method']} | {r['min_rel_l2']:.3g} ({r['min_rel_l2_step']}) | "
+            f"| {r['dim']} | {r['method']} | {r['seed']} | {r['min_rel_l2']:.3g} "
+            f"({r['min_rel_l2_step']}) | "
             f"{r['final_rel_l2']:.3g} | {published:.3g} | {ratio} | {r['wall_time']:.0f} |"
         )
     return "\n".join(lines)
