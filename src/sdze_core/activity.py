@@ -91,6 +91,20 @@ def _matmul(a, b):
     return a @ b
 
 
+def _times_transpose(x, W):
+    """x Wᵀ for the first layer's (B, d) points. Immutable arrays (JAX) sum the product
+    over column chunks: its eager transpose, and its CPU compiler's product too, would
+    hold a transposed copy of all of W (P numbers)."""
+    xp = array_namespace(x, W)
+    if _writeable(W):
+        return _matmul(x, xp.matrix_transpose(W))
+    out = None
+    for start, stop in _column_chunks(*W.shape):
+        term = _matmul(x[:, start:stop], xp.matrix_transpose(W[:, start:stop]))
+        out = term if out is None else out + term
+    return out
+
+
 def _affine(jet: jets.Jet, W, b) -> jets.Jet:
     """x Wᵀ + b on the primal, x Wᵀ on every coefficient (complex-aware)."""
     xp = array_namespace(W)
@@ -207,12 +221,11 @@ class ActivityPerturbedNetwork:
         """The jets of the unperturbed and the perturbed networks (see the class docstring)."""
         net = self.network
         net._check(params, x)
-        xp = array_namespace(x)
         batch = x.shape[0]
         first = params[0]
         if isinstance(directions, jets.SparseDirections) or _is_index_array(directions):
             W = first["W"]
-            primal = _matmul(x, xp.matrix_transpose(W)) + first["b"]
+            primal = _times_transpose(x, W) + first["b"]
             pre = [jets.coordinate_jet(primal, _gather(W, directions), order, collapse)]
             inputs = [("index", x, directions)]
         else:
@@ -426,14 +439,20 @@ class _BlockStream:
 
 def _apply_blocks(W, grad: LayerGradient, fn):
     """W + fn(Ĝ[:, c], c) for column chunks c: in place when W is writeable, with
-    Ĝ[:, c] in a reused buffer that ``fn`` may scale in place (:class:`_BlockStream`)."""
+    Ĝ[:, c] in a reused buffer that ``fn`` may scale in place (:class:`_BlockStream`);
+    otherwise (JAX) chunk by chunk through :meth:`Backend.write_columns`, which
+    reuses W's buffer, so that neither Ĝ nor a second W is ever whole in memory."""
     m, n = W.shape
     if _writeable(W):
         stream = _BlockStream(grad)
         for start, stop in stream.chunks:
             W[:, start:stop] += fn(stream.block(start, stop), start, stop)
         return W
-    return W + fn(grad.dense(), 0, n)
+    backend = backend_of(W)
+    for start, stop in _column_chunks(m, n):
+        W = backend.write_columns(W, start, W[:, start:stop] + fn(grad.block(start, stop),
+                                                                   start, stop))
+    return W
 
 
 # -- optimizers on factored gradients -----------------------------------------------------------

@@ -200,6 +200,39 @@ class Backend(ABC):
         out[...] = a * b
         return out
 
+    def scale(self, x, factor):
+        """``x * factor`` in x's own memory, for arrays of gigabytes (the first
+        layer's weights, the batch of points at large d).
+
+        A writeable ``x`` is scaled in place and returned; the default returns a new
+        array of an immutable one, and backends with immutable arrays override it to
+        reuse x's buffer (JAX: a compiled product with x donated). Either way the
+        caller must use the returned array, not ``x``, afterwards.
+        """
+        import array_api_compat
+
+        if array_api_compat.is_writeable_array(x):
+            x *= factor
+            return x
+        return x * factor
+
+    def write_columns(self, W, start: int, block):
+        """``W`` with its columns ``start : start + k`` replaced by ``block`` (m × k).
+
+        A writeable ``W`` is written in place and returned. The default makes a
+        new array of an immutable one (a copy of W); backends with immutable
+        arrays override it to reuse W's memory (JAX: a compiled update with W's
+        buffer donated). Either way the caller must use the returned array, not
+        ``W``, afterwards.
+        """
+        import array_api_compat
+
+        stop = start + block.shape[1]
+        if array_api_compat.is_writeable_array(W):
+            W[:, start:stop] = block
+            return W
+        return self.xp.concat([W[:, :start], block, W[:, stop:]], axis=1)
+
     def synchronize(self, *arrays) -> None:
         """Wait until queued device work (and ``arrays``) is done, for timings.
 

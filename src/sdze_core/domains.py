@@ -114,10 +114,9 @@ def _one_hot(x, index):
     return xp.astype(xp.expand_dims(index, axis=1) == columns, x.dtype)
 
 
-def _scale_rows(g, factor):
-    """g * factor[:, None], in place where the arrays are mutable (g may be gigabytes)."""
-    g *= factor[:, None]
-    return g
+def _scale_rows(backend, g, factor):
+    """g * factor[:, None] in g's own memory (:meth:`Backend.scale`; g may be gigabytes)."""
+    return backend.scale(g, factor[:, None])
 
 
 def _unit_rows(backend, key: Key, num_points: int, dim: int):
@@ -376,13 +375,13 @@ class Ball(_RadialDomain):
         radius = xp.exp(xp.log1p(-u) / dim)  # (1 − U)^{1/d} ∈ (0, 1]: 1 − U has the law of U
         if self.radius != 1.0:
             radius = self.radius * radius
-        return _scale_rows(g, radius / norm)
+        return _scale_rows(backend, g, radius / norm)
 
     def sample_boundary(self, backend, key, num_points, dim):
         """Uniform on the sphere ‖x‖ = R: x = R ξ / ‖ξ‖, ξ ~ N(0, I_d)."""
         num_points, dim = _sized(num_points, dim)
         g, norm = _unit_rows(backend, fold_in(key, "direction"), num_points, dim)
-        return _scale_rows(g, self.radius / norm)
+        return _scale_rows(backend, g, self.radius / norm)
 
     def radial_profile(self, rho, order):
         """p(ρ) = 1 − ρ/R², p' = −1/R², higher derivatives zero."""
@@ -432,7 +431,7 @@ class Annulus(_RadialDomain):
         floor = (self.inner / self.outer) ** dim  # underflows to 0.0 in high d, harmlessly
         radius = self.outer * xp.exp(xp.log(u + (1 - u) * floor) / dim)
         radius = xp.clip(radius, self.inner, self.outer)
-        return _scale_rows(g, radius / norm)
+        return _scale_rows(backend, g, radius / norm)
 
     def sample_boundary(self, backend, key, num_points, dim):
         """Uniform on each sphere, the inner one with probability 1/2.
@@ -445,7 +444,7 @@ class Annulus(_RadialDomain):
         g, norm = _unit_rows(backend, fold_in(key, "direction"), num_points, dim)
         inner = xp.astype(backend.uniform(fold_in(key, "sphere"), (num_points,)) < 0.5, g.dtype)
         radius = self.outer + (self.inner - self.outer) * inner  # exactly a or b
-        return _scale_rows(g, radius / norm)
+        return _scale_rows(backend, g, radius / norm)
 
     def radial_profile(self, rho, order):
         """p(ρ) = c (ρ − a²)(b² − ρ), p' = c (a² + b² − 2ρ), p'' = −2c, higher zero."""
@@ -868,7 +867,7 @@ class Diffusion(SpaceTime):
         """x = √(2κ (t − t0)) ξ, ξ ~ N(0, I_d) (scaled in place)."""
         xp = backend.xp
         x = backend.normal(fold_in(key, "normal"), (t.shape[0], dim))
-        return _scale_rows(x, xp.sqrt(2.0 * self.diffusivity * (t - self.t0)))
+        return _scale_rows(backend, x, xp.sqrt(2.0 * self.diffusivity * (t - self.t0)))
 
     def sample(self, backend, key, num_points, dim):
         """t ~ U[t0, t1), then x ~ N(0, 2κ (t − t0) I_d): shape (B, d + 1)."""

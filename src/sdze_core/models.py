@@ -225,8 +225,7 @@ class MLP:
         for layer, (n_in, n_out) in enumerate(zip(self.sizes[:-1], self.sizes[1:], strict=True)):
             k = fold_in(key, layer)
             if self.init_scheme == "glorot":
-                W = backend.normal(k, (n_out, n_in))
-                W *= sqrt(2.0 / (n_in + n_out))  # in place: no second P-sized array
+                W = backend.scale(backend.normal(k, (n_out, n_in)), sqrt(2.0 / (n_in + n_out)))
                 params.append({"W": W, "b": backend.zeros((n_out,))})
                 continue
             W = backend.uniform(k, (n_out, n_in))

@@ -53,7 +53,7 @@ from typing import Any, ClassVar
 from array_api_compat import array_namespace
 
 from . import jets
-from .domains import Annulus, Ball, Domain, HardConstraint, MissingClosedFormError
+from .domains import Annulus, Ball, Domain, HardConstraint, MissingClosedFormError, _scale_rows
 from .keys import Key, as_key, fold_in
 from .models import MLP, Ansatz, conform_to
 from .oracles import SparseBiharmonic, SparseLaplacian
@@ -260,12 +260,6 @@ PROBLEMS = {
 # -- domains --------------------------------------------------------------------------------
 
 
-def _scale_rows(g, factor):
-    """g * factor[:, None], in place where the arrays are mutable (g may be 4 GB)."""
-    g *= factor[:, None]
-    return g
-
-
 def sample_ball(backend, key: Key, num_points: int, dim: int):
     """Uniform points in the unit ball: :meth:`sdze_core.domains.Ball.sample` (docs/domains.md)."""
     return Ball().sample(backend, key, num_points, dim)
@@ -281,7 +275,7 @@ def sample_ball_radial(backend, key: Key, num_points: int, dim: int):
     xp = backend.xp
     g = backend.normal(fold_in(key, "direction"), (num_points, dim))
     r = backend.uniform(fold_in(key, "radius"), (num_points,))
-    return _scale_rows(g, r / xp.sqrt(jets.rowwise_squared_norm(g)))
+    return _scale_rows(backend, g, r / xp.sqrt(jets.rowwise_squared_norm(g)))
 
 
 def sample_annulus(backend, key: Key, num_points: int, dim: int):
