@@ -13,9 +13,11 @@ packages are pulled in.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 
 import nox
 
@@ -27,6 +29,29 @@ PYPROJECT = nox.project.load_toml("pyproject.toml")
 BACKENDS = ["numpy", "array_api_strict", "torch", "jax", "cupy"]
 GPU_BACKENDS = ["torch", "jax", "cupy"]
 TORCH_CPU = os.environ.get("SDZE_TORCH_CPU", "torch==2.13.0")
+
+
+#: Delete each session's virtual environment when the session ends. On by default
+#: under CI: every test session holds its own ~1.6 GB environment (PyTorch and JAX
+#: are references for every backend), and thirteen of them exceed a small disk.
+DISCARD_VENVS = os.environ.get(
+    "SDZE_NOX_DISCARD_VENVS", "1" if os.environ.get("CI", "").lower() in ("1", "true") else "0"
+) == "1"
+
+
+def discards_venv(run: Callable[..., None]) -> Callable[..., None]:
+    """Run the session, then remove its virtual environment when ``DISCARD_VENVS``."""
+
+    @functools.wraps(run)
+    def session_then_discard(session: nox.Session, **params: str) -> None:
+        try:
+            run(session, **params)
+        finally:
+            location = getattr(session.virtualenv, "location", None)
+            if DISCARD_VENVS and location and os.path.isdir(location):
+                shutil.rmtree(location, ignore_errors=True)
+
+    return session_then_discard
 
 
 def has_cuda_device() -> bool:
@@ -97,6 +122,7 @@ def run_pytest(session: nox.Session, suite: str, backend: str, device: str | Non
 
 @nox.session
 @nox.parametrize("backend", BACKENDS)
+@discards_venv
 def tests(session: nox.Session, backend: str) -> None:
     """Unit tests on one backend (CPU). CuPy's session skips, saying why, without a GPU."""
     skip_cupy_without_device(session, backend)
@@ -106,6 +132,7 @@ def tests(session: nox.Session, backend: str) -> None:
 
 @nox.session
 @nox.parametrize("backend", BACKENDS)
+@discards_venv
 def conformance(session: nox.Session, backend: str) -> None:
     """The conformance suite (docs/conformance.md), checked on one backend (CPU)."""
     skip_cupy_without_device(session, backend)
@@ -114,6 +141,7 @@ def conformance(session: nox.Session, backend: str) -> None:
 
 
 @nox.session
+@discards_venv
 def all_backends(session: nox.Session) -> None:
     """numpy, array_api_strict, torch and jax in one environment: switching
     among them with ``sdze.use`` and the cross-backend agreement tests. The rest
@@ -129,6 +157,7 @@ def all_backends(session: nox.Session) -> None:
 
 @nox.session(tags=["gpu"], default=False)
 @nox.parametrize("backend", GPU_BACKENDS)
+@discards_venv
 def tests_gpu(session: nox.Session, backend: str) -> None:
     """Unit tests on a CUDA device; skipped (a success) when there is none."""
     if not has_cuda_device():
@@ -139,6 +168,7 @@ def tests_gpu(session: nox.Session, backend: str) -> None:
 
 @nox.session(tags=["gpu"], default=False)
 @nox.parametrize("backend", GPU_BACKENDS)
+@discards_venv
 def conformance_gpu(session: nox.Session, backend: str) -> None:
     """The conformance suite on a CUDA device; skipped when there is none."""
     if not has_cuda_device():
@@ -148,6 +178,7 @@ def conformance_gpu(session: nox.Session, backend: str) -> None:
 
 
 @nox.session
+@discards_venv
 def lint(session: nox.Session) -> None:
     """ruff over the sources, tests, conformance suite and benchmarks."""
     session.install(*nox.project.dependency_groups(PYPROJECT, "lint"))
@@ -155,6 +186,7 @@ def lint(session: nox.Session) -> None:
 
 
 @nox.session
+@discards_venv
 def docs(session: nox.Session) -> None:
     """Build the MkDocs site into site/ (warnings are errors)."""
     session.install(*nox.project.dependency_groups(PYPROJECT, "docs"))
@@ -162,6 +194,7 @@ def docs(session: nox.Session) -> None:
 
 
 @nox.session(default=False)
+@discards_venv
 def bench(session: nox.Session) -> None:
     """The benchmarks of docs/benchmarks.md (CPU torch): speed and memory sweep, then the
     convergence study; JSON and plots under benchmarks/results/ (long: about an hour on
