@@ -15,6 +15,10 @@ Methods (name: what runs):
 * ``activity-adam`` / ``activity-sgd`` / ``activity-q2`` ...: variants (see VARIANTS);
 * ``subspace``: SDZE with the section-5 low-rank subspace sampler (previous defaults).
 
+``--lr`` sets the peak learning rate of ``first-order`` and ``activity``
+(default 1e-3 for both); such runs are recorded with their ``lr`` and scored
+against first-order's run of the same rate.
+
 Writes ``<out>/<problem>-d<d>.json`` per problem/dimension and a summary plot
 with ``--plot``.
 """
@@ -71,8 +75,12 @@ VARIANTS = {
 }
 
 
-def setup(problem: str, dim: int, backend_name: str, method: str, steps: int, seed: int):
-    """(loss, model, params, method object, test set) for one run."""
+def setup(problem: str, dim: int, backend_name: str, method: str, steps: int, seed: int,
+          lr: float | None = None):
+    """(loss, model, params, method object, test set) for one run; ``lr`` overrides the
+    peak learning rate of ``first-order`` and ``activity``."""
+    if lr is not None and method not in ("first-order", "activity"):
+        raise ValueError(f"--lr applies to first-order and activity only, not {method!r}")
     backend = make_backend(backend_name, dtype="float32")
     if problem in PROBLEMS:
         if method == "subspace":
@@ -102,17 +110,19 @@ def setup(problem: str, dim: int, backend_name: str, method: str, steps: int, se
                 subspace_method = dataclasses.replace(subspace_method, sampler=sampler)
     params = model.init(fold_in(key(seed), "params"), backend)
     if method == "first-order":
-        obj = FirstOrderAdam(linear_decay(1e-3, steps), b2=0.99)
+        obj = FirstOrderAdam(linear_decay(1e-3 if lr is None else lr, steps), b2=0.99)
     elif method == "subspace":
         obj = subspace_method
+    elif lr is not None:
+        obj = _activity(activity_adafactor, lr)(steps)
     else:
         obj = VARIANTS[method][1](steps)
     return loss, model, params, obj, test
 
 
-def run_one(problem, dim, method, steps, seed=0, evals=20):
+def run_one(problem, dim, method, steps, seed=0, evals=20, lr=None):
     backend = "torch" if method == "first-order" else VARIANTS.get(method, ("numpy",))[0]
-    loss, model, params, obj, test = setup(problem, dim, backend, method, steps, seed)
+    loss, model, params, obj, test = setup(problem, dim, backend, method, steps, seed, lr)
     state = TrainState(obj.init(key(seed), params))
     start = time.perf_counter()
     result = train(
@@ -134,6 +144,7 @@ def run_one(problem, dim, method, steps, seed=0, evals=20):
         "backend": backend,
         "steps": steps,
         "seed": seed,
+        **({} if lr is None else {"lr": lr}),
         "history": history,
         "final_rel_l2": history[-1]["rel_l2"],
         "min_rel_l2": min(h["rel_l2"] for h in history),
@@ -157,6 +168,8 @@ def main(argv=None):
     parser.add_argument("--methods", nargs="+", default=["first-order", "activity", "subspace"])
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=None,
+                        help="peak learning rate of first-order and activity (default 1e-3)")
     parser.add_argument("--out", default="benchmarks/results/activity")
     args = parser.parse_args(argv)
     out = pathlib.Path(args.out)
@@ -166,12 +179,13 @@ def main(argv=None):
             path = out / f"{problem}-d{dim}.json"
             runs = json.loads(path.read_text())["runs"] if path.exists() else []
             for method in args.methods:
-                record = run_one(problem, dim, method, args.steps, args.seed)
-                runs = [r for r in runs if not (r["method"] == method and r["steps"] == args.steps)]
+                record = run_one(problem, dim, method, args.steps, args.seed, lr=args.lr)
+                runs = [r for r in runs if not (r["method"] == method and r["steps"] == args.steps
+                                                and r.get("lr") == args.lr)]
                 runs.append(record)
-                for r in runs:  # against first-order's run of as many steps
+                for r in runs:  # against first-order's run of as many steps, same --lr
                     fo = [f for f in runs if f["method"] == "first-order"
-                          and f["steps"] == r["steps"]]
+                          and f["steps"] == r["steps"] and f.get("lr") == r.get("lr")]
                     if fo:
                         target = 2 * fo[0]["final_rel_l2"]
                         r["time_to_2x_first_order"] = time_to(r["history"], target)

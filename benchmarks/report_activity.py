@@ -34,8 +34,9 @@ def table(rows: list[dict]) -> str:
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     keyed = {}
     for r in rows:
-        keyed.setdefault((r["problem"], r["dim"], r["steps"]), {})[r["method"]] = r
-    for (problem, dim, steps), runs in sorted(keyed.items()):
+        keyed.setdefault((r["problem"], r["dim"], r["steps"], r.get("lr") or 0.0), {})[
+            r["method"]] = r
+    for (problem, dim, steps, lr), runs in sorted(keyed.items()):
         fo = runs.get("first-order")
         for method in sorted(runs, key=lambda m: ORDER.index(m) if m in ORDER else 99):
             r = runs[method]
@@ -43,7 +44,8 @@ def table(rows: list[dict]) -> str:
             tratio = f"{r['train_time'] / fo['train_time']:.1f}" if fo else "–"
             reach = r.get("time_to_2x_first_order")
             out.append(
-                f"| {problem} | {dim} | {steps} | {method} | {r['final_rel_l2']:.2e} | {ratio} "
+                f"| {problem} | {dim} | {steps} | {method}{f' (lr {lr:g})' if lr else ''} "
+                f"| {r['final_rel_l2']:.2e} | {ratio} "
                 f"| {r['train_time']:.0f} | {tratio} | "
                 f"{'never' if reach is None else f'{reach:.0f}'} |"
             )
@@ -67,7 +69,8 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
         for r in sorted(runs, key=lambda r: ORDER.index(r["method"]) if r["method"] in ORDER
                         else 99):
             h = r["history"]
-            ax.semilogy([e["step"] for e in h], [e["rel_l2"] for e in h], label=r["method"])
+            label = r["method"] + (f" (lr {r['lr']:g})" if r.get("lr") else "")
+            ax.semilogy([e["step"] for e in h], [e["rel_l2"] for e in h], label=label)
         ax.set_title(f"{problem}, d = {dim}")
         ax.set_xlabel("step")
         ax.set_ylabel("relative L2 error")

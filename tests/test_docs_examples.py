@@ -33,6 +33,23 @@ def test_example_runs(page, marker, capsys, monkeypatch):
     assert "rel_l2" in out
 
 
+@pytest.mark.parametrize("name", ["numpy", "array_api_strict", "torch", "jax"])
+def test_backend_hooks_example_runs(name, capsys):
+    """sdze.md's backend-hooks example, on each CPU backend that is installed."""
+    import sdze
+
+    if name not in sdze.available_backends():
+        pytest.skip(f"{name} is not installed here")
+    (example,) = [b for b in python_blocks("sdze.md") if "backend.write_columns(" in b]
+    previous = sdze.get_backend()
+    sdze.use(name)
+    try:
+        exec(compile(example, "sdze.md:hooks", "exec"), {})
+    finally:
+        sdze.use(previous)
+    assert capsys.readouterr().out.strip() == "x W^T: (3, 4) row norms: (3,)"
+
+
 def test_inverse_page_runs(capsys):
     """inverse.md: the activity engine recovers the diffusivity a* = 2 from a = 0.5."""
     (example,) = [b for b in python_blocks("inverse.md") if "TrainCoefficients(" in b]

@@ -12,6 +12,7 @@ import array_api_compat
 import numpy as np
 import pytest
 
+from sdze_core import jets
 from sdze_core.keys import key
 from sdze_core.registry import backend_of
 
@@ -88,14 +89,23 @@ def test_jax_blocked_draws_are_keyed_blockwise_and_standard(monkeypatch):
     assert abs(u.mean() - 0.5) < bound * np.sqrt(1 / 12 / n)
 
 
-def test_first_layer_product_in_column_chunks(backend, monkeypatch):
-    """x Wᵀ of the activity engine's first layer (column chunks where W is immutable)
-    equals the plain product, with chunks of 3 columns over 10."""
-    from sdze_core import activity
-
-    monkeypatch.setattr(activity, "_CHUNK_ELEMENTS", 12)  # m = 4: 3 columns a chunk
+def test_matmul_transposed_in_column_blocks(backend, monkeypatch):
+    """x Wᵀ from the backend's hook (the activity engine's first layer; JAX sums column
+    blocks) equals the plain product, with blocks of 3 columns over 10."""
+    monkeypatch.setattr(type(backend), "matmul_block_elements", 12)  # m = 4: 3 columns
     x = backend.normal(key(7), (5, 10))
     W = backend.normal(key(8), (4, 10))
     expected = _host(x) @ _host(W).T
-    np.testing.assert_allclose(_host(activity._times_transpose(x, W)), expected,
+    np.testing.assert_allclose(_host(backend.matmul_transposed(x, W)), expected,
                                rtol=1e-5, atol=1e-5)
+
+
+def test_rowwise_squared_norm_hook(backend):
+    """‖x_b‖² from the backend's hook equals the sum of squares, on 2-D and 3-D arrays."""
+    for shape in ((5, 10), (2, 3, 7)):
+        x = backend.normal(key(9), shape)
+        expected = (_host(x).astype(np.float64) ** 2).sum(-1)
+        np.testing.assert_allclose(_host(backend.rowwise_squared_norm(x)), expected,
+                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(_host(jets.rowwise_squared_norm(x)), expected,
+                                   rtol=1e-5, atol=1e-6)

@@ -153,6 +153,21 @@ class JaxBackend(Backend):
 
         return _write_columns()(W, block, jnp.asarray(start, dtype=jnp.int32))
 
+    def rowwise_squared_norm(self, x):
+        """Σ_j x_bj², compiled: the square and the sum are fused, where the eager
+        batched product would copy x twice (``expand_dims``) and ``x * x`` once more."""
+        return _sum_of_squares()(x)
+
+    def matmul_transposed(self, x, W):
+        """x Wᵀ summed over column blocks of W: the eager transpose, and XLA's CPU
+        product as well, would hold a transposed copy of all of W."""
+        step = max(1, self.matmul_block_elements // max(W.shape[0], 1))
+        out = None
+        for start in range(0, W.shape[1], step):
+            term = x[:, start:start + step] @ W[:, start:start + step].T
+            out = term if out is None else out + term
+        return out
+
     def value_and_grad(self, fn):
         """``jax.value_and_grad`` with respect to the first argument, under ``jax.jit``.
 
@@ -249,3 +264,13 @@ def _scaled():
         return (x * factor).astype(x.dtype)
 
     return jax.jit(scaled, donate_argnums=0)
+
+
+@lru_cache(maxsize=1)
+def _sum_of_squares():
+    import jax
+
+    def sum_of_squares(x):
+        return (x * x).sum(axis=-1)
+
+    return jax.jit(sum_of_squares)

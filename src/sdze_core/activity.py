@@ -91,20 +91,6 @@ def _matmul(a, b):
     return a @ b
 
 
-def _times_transpose(x, W):
-    """x Wᵀ for the first layer's (B, d) points. Immutable arrays (JAX) sum the product
-    over column chunks: its eager transpose, and its CPU compiler's product too, would
-    hold a transposed copy of all of W (P numbers)."""
-    xp = array_namespace(x, W)
-    if _writeable(W):
-        return _matmul(x, xp.matrix_transpose(W))
-    out = None
-    for start, stop in _column_chunks(*W.shape):
-        term = _matmul(x[:, start:stop], xp.matrix_transpose(W[:, start:stop]))
-        out = term if out is None else out + term
-    return out
-
-
 def _affine(jet: jets.Jet, W, b) -> jets.Jet:
     """x Wᵀ + b on the primal, x Wᵀ on every coefficient (complex-aware)."""
     xp = array_namespace(W)
@@ -225,7 +211,8 @@ class ActivityPerturbedNetwork:
         first = params[0]
         if isinstance(directions, jets.SparseDirections) or _is_index_array(directions):
             W = first["W"]
-            primal = _times_transpose(x, W) + first["b"]
+            # the backend's form: never a transposed copy of W (JAX sums column blocks)
+            primal = backend_of(W).matmul_transposed(x, W) + first["b"]
             pre = [jets.coordinate_jet(primal, _gather(W, directions), order, collapse)]
             inputs = [("index", x, directions)]
         else:

@@ -233,6 +233,38 @@ class Backend(ABC):
             return W
         return self.xp.concat([W[:, :start], block, W[:, stop:]], axis=1)
 
+    # -- two large operations, in the form that suits the backend's memory ------
+    #: Largest block (elements of W) that :meth:`matmul_transposed` forms at once
+    #: where a backend sums the product over column blocks.
+    matmul_block_elements: ClassVar[int] = 1 << 20
+
+    def rowwise_squared_norm(self, x):
+        """‖x_b‖² = Σ_j x_bj² over the last axis, shape ``x.shape[:-1]``.
+
+        The default is a batched product (x_b x_bᵀ per row): a BLAS dot per row,
+        no temporary of x's size, and on PyTorch's CPU build about 3x faster
+        than ``vecdot`` at B × d = 100 × 10⁶. Backends whose eager reshapes copy
+        override it (JAX: a compiled, fused sum of squares).
+        """
+        import array_api_compat
+
+        xp = array_api_compat.array_namespace(x)
+        return (xp.expand_dims(x, axis=-2) @ xp.expand_dims(x, axis=-1))[..., 0, 0]
+
+    def matmul_transposed(self, x, W):
+        """x Wᵀ for x of shape (B, n) and W of shape (m, n), shape (B, m).
+
+        The default multiplies by the transposed view. Backends whose transpose or
+        product would copy all of W (JAX: an eager transpose, and XLA's CPU
+        product) override it to sum the product over column blocks of at most
+        :attr:`matmul_block_elements` elements, so W (P numbers at d = 10⁶) is
+        never held twice.
+        """
+        import array_api_compat
+
+        xp = array_api_compat.array_namespace(x, W)
+        return x @ xp.matrix_transpose(W)
+
     def synchronize(self, *arrays) -> None:
         """Wait until queued device work (and ``arrays``) is done, for timings.
 
