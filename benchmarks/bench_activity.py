@@ -161,6 +161,40 @@ def time_to(history, target):
     return None
 
 
+def score(runs: list[dict]) -> None:
+    """Each run against first-order's run of as many steps and the same ``lr``: the
+    ratio of final errors and the time to reach 2x first-order's final error."""
+    for r in runs:
+        fo = [f for f in runs if f["method"] == "first-order"
+              and f["steps"] == r["steps"] and f.get("lr") == r.get("lr")]
+        if fo:
+            target = 2 * fo[0]["final_rel_l2"]
+            r["time_to_2x_first_order"] = time_to(r["history"], target)
+            r["ratio_to_first_order"] = r["final_rel_l2"] / fo[0]["final_rel_l2"]
+
+
+def add_run(runs: list[dict], record: dict) -> list[dict]:
+    """``runs`` with ``record`` replacing any run of the same method, steps and lr."""
+    same = ("method", "steps", "lr")
+    runs = [r for r in runs if any(r.get(k) != record.get(k) for k in same)]
+    return [*runs, record]
+
+
+def merge(out: pathlib.Path, sources: list[str]) -> None:
+    """Fold the result files of runs made in other processes (``--out`` elsewhere, e.g.
+    one method per core) into ``out``, rescoring each problem and dimension."""
+    for source in sources:
+        for path in sorted(pathlib.Path(source).glob("*.json")):
+            incoming = json.loads(path.read_text())
+            target = out / path.name
+            runs = json.loads(target.read_text())["runs"] if target.exists() else []
+            for record in incoming["runs"]:
+                runs = add_run(runs, record)
+            score(runs)
+            target.write_text(json.dumps({**incoming, "runs": runs}, indent=1))
+            print(f"merged {path} into {target}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--problems", nargs="+", default=list(NAMES))
@@ -171,25 +205,23 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=None,
                         help="peak learning rate of first-order and activity (default 1e-3)")
     parser.add_argument("--out", default="benchmarks/results/activity")
+    parser.add_argument("--merge", nargs="+", metavar="DIR",
+                        help="fold the results written under these --out folders into --out "
+                             "and rescore (runs made in parallel processes); trains nothing")
     args = parser.parse_args(argv)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        merge(out, args.merge)
+        return
     for problem in args.problems:
         for dim in args.dims:
             path = out / f"{problem}-d{dim}.json"
             runs = json.loads(path.read_text())["runs"] if path.exists() else []
             for method in args.methods:
                 record = run_one(problem, dim, method, args.steps, args.seed, lr=args.lr)
-                runs = [r for r in runs if not (r["method"] == method and r["steps"] == args.steps
-                                                and r.get("lr") == args.lr)]
-                runs.append(record)
-                for r in runs:  # against first-order's run of as many steps, same --lr
-                    fo = [f for f in runs if f["method"] == "first-order"
-                          and f["steps"] == r["steps"] and f.get("lr") == r.get("lr")]
-                    if fo:
-                        target = 2 * fo[0]["final_rel_l2"]
-                        r["time_to_2x_first_order"] = time_to(r["history"], target)
-                        r["ratio_to_first_order"] = r["final_rel_l2"] / fo[0]["final_rel_l2"]
+                runs = add_run(runs, record)
+                score(runs)
                 path.write_text(
                     json.dumps({"problem": problem, "dim": dim, "runs": runs}, indent=1)
                 )
