@@ -16,7 +16,7 @@ radial fit leaves (the part the network must learn beyond the amplitude), and
 what a fit on the radial term and the one linear direction of u*/(1 − ‖x‖²),
 Σ_i c_i (x_i + x_{i+1}), leaves.
 
-    OMP_NUM_THREADS=1 python benchmarks/diagnose_amplitude.py \\
+    OMP_NUM_THREADS=1 python benchmarks/diagnose_amplitude.py --points 1000 \\
         --out benchmarks/results/two_body_amplitude.json
 """
 
@@ -67,7 +67,8 @@ def main(argv=None):
     parser.add_argument("--dims", nargs="+", type=int,
                         default=[100, 1000, 10000, 100000, 1000000])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--points", type=int, default=500)
+    parser.add_argument("--points", type=int, default=500,
+                        help="test points (float64; 1000 at d = 10⁶ holds ~16 GB)")
     parser.add_argument("--out", default="benchmarks/results/two_body_amplitude.json")
     args = parser.parse_args(argv)
     rows = []
