@@ -70,6 +70,8 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
                         else 99):
             h = r["history"]
             label = r["method"] + (f" (lr {r['lr']:g})" if r.get("lr") else "")
+            if len({run["steps"] for run in runs}) > 1:
+                label += f", {r['steps']} steps"
             ax.semilogy([e["step"] for e in h], [e["rel_l2"] for e in h], label=label)
         ax.set_title(f"{problem}, d = {dim}")
         ax.set_xlabel("step")
