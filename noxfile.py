@@ -34,9 +34,12 @@ TORCH_CPU = os.environ.get("SDZE_TORCH_CPU", "torch==2.13.0")
 #: Delete each session's virtual environment when the session ends. On by default
 #: under CI: every test session holds its own ~1.6 GB environment (PyTorch and JAX
 #: are references for every backend), and thirteen of them exceed a small disk.
-DISCARD_VENVS = os.environ.get(
+_DISCARD = os.environ.get(
     "SDZE_NOX_DISCARD_VENVS", "1" if os.environ.get("CI", "").lower() in ("1", "true") else "0"
-) == "1"
+)
+if _DISCARD not in ("0", "1"):
+    raise SystemExit(f"SDZE_NOX_DISCARD_VENVS must be 0 or 1, got {_DISCARD!r}")
+DISCARD_VENVS = _DISCARD == "1"
 
 
 def discards_venv(run: Callable[..., None]) -> Callable[..., None]:
@@ -50,6 +53,7 @@ def discards_venv(run: Callable[..., None]) -> Callable[..., None]:
             location = getattr(session.virtualenv, "location", None)
             if DISCARD_VENVS and location and os.path.isdir(location):
                 shutil.rmtree(location, ignore_errors=True)
+                session.log(f"removed {location} (SDZE_NOX_DISCARD_VENVS=1)")
 
     return session_then_discard
 

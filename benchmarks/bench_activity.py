@@ -209,6 +209,8 @@ def main(argv=None):
                         help="fold the results written under these --out folders into --out "
                              "and rescore (runs made in parallel processes); trains nothing")
     args = parser.parse_args(argv)
+    if args.lr is not None and not args.lr > 0:
+        parser.error(f"--lr must be a positive learning rate, got {args.lr}")
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.merge:
